@@ -1,0 +1,685 @@
+"""brian2pet: pypet's Brian2 network framework, in one module written to be read.
+
+A Brian2 model that has grown many parts, and must be explored over parameters, is split here into
+*components* that build Brian2 objects, *analysers* that record and evaluate, one *runner* that
+simulates, and a *manager* that ties them to a pypet ``Environment``. Parameters and results keep
+their Brian2 units and are stored in HDF5 by pypet.
+
+References (section numbers below point into the first one):
+  - "Using BRIAN2 with pypet", chapter 7 of the pypet documentation, and its three figures:
+    the manager and its parts (7.2), the main script (7.3), one simulation run (7.5).
+  - pypet.brian2 (``parameter.py``, ``network.py``), whose storage layout this module shares,
+    so that files written by either load with the other's classes.
+  - Brian2's ``Network`` (store / restore / add / remove) and its monitors.
+
+Reading order follows the spec:
+  1. Units as text          get_unit_fast, unit_from_expression
+  2. Containers             Brian2Parameter, Brian2Result, Brian2MonitorResult        (7.1)
+  3. Components             NetworkComponent, NetworkAnalyser                         (7.4, 7.4.1)
+  4. The runner             NetworkRunner and its _execute_network_run                (7.4.2, 7.5)
+  5. The manager            NetworkManager                                            (7.2, 7.3)
+
+Where this module and pypet.brian2 differ, on purpose:
+  - Several runs in ONE process work. pypet.brian2 keeps one brian_list for its whole life, so a
+    second run hands the first run's objects to a new Network and Brian2 refuses them ("has already
+    been simulated"). Here every run starts from a copy of what pre_build left, and the pre-built
+    objects live in one Network whose state is restored at the start of each run.
+  - After a pre-run, the objects that components make in build() are simulated. pypet.brian2
+    silently leaves them out of the pre-run network.
+  - Unit text read back from a file is parsed from a small whitelist, never evaluated.
+  - A brian_list item that is not a Brian2 object is refused at once, naming the component.
+  - EventMonitor is supported, empty monitors store and load, and a subrun group that holds no
+    duration is an error instead of a run that silently simulates nothing.
+"""
+
+import ast
+
+import numpy as np
+from brian2 import (
+    EventMonitor,
+    Network,
+    PopulationRateMonitor,
+    SpikeMonitor,
+    StateMonitor,
+    second,
+)
+from brian2.core.base import BrianObject
+from brian2.units import allunits, stdunits
+from brian2.units.fundamentalunits import (
+    DIMENSIONLESS,
+    Quantity,
+    get_dimensions,
+    have_same_dimensions,
+)
+from pypet import pypetconstants
+from pypet.parameter import ObjectTable, Parameter, Result
+from pypet.pypetexceptions import ParameterLockedException
+from pypet.pypetlogging import HasLogger
+
+__all__ = [
+    "Brian2Parameter",
+    "Brian2Result",
+    "Brian2MonitorResult",
+    "get_unit_fast",
+    "unit_from_expression",
+    "NetworkComponent",
+    "NetworkAnalyser",
+    "NetworkRunner",
+    "NetworkManager",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Units as text
+#
+# HDF5 holds numbers, so a Quantity is stored as its value in SI base units plus the text of its unit,
+# e.g. 0.005 and "1. * second" for 5 ms. The text is what Brian2's repr() prints for a unit quantity.
+# Reading it back must not run anything a file says: a file may come from anyone, so the text is
+# parsed into a syntax tree and only numbers, Brian2 unit names and plain arithmetic are accepted.
+# ---------------------------------------------------------------------------------------------------
+
+# Every name Brian2 itself knows for a unit: "second", "hertz", "siemens", ... and "ms", "mV", ...
+_UNIT_NAMES = {name: getattr(allunits, name) for name in allunits.__all__}
+_UNIT_NAMES.update(
+    (name, value) for name, value in vars(stdunits).items() if isinstance(value, Quantity)
+)
+
+# Unit text written by Brian2 is a few dozen characters with exponents of at most 4 or so. These
+# bounds only keep hostile text (a megabyte of brackets, 9 ** 9 ** 9) from eating the machine.
+_MAX_UNIT_TEXT = 1000
+_MAX_EXPONENT = 64
+
+_BINARY_OPERATORS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+    ast.Mod: lambda a, b: a % b,
+}
+
+
+def get_unit_fast(x):
+    """The unit of ``x`` as a Quantity of value 1 (``1. * second`` for 5 ms; ``1`` if unitless)."""
+    return Quantity.with_dimensions(1, get_dimensions(x))
+
+
+def unit_from_expression(expr):
+    """Turn unit text such as ``'1. * metre ** 2 * kilogram * second ** -3'`` back into a Quantity.
+
+    Accepts the text or an already parsed ``ast`` node. Allowed: numbers, Brian2 unit names,
+    ``+ - * / ** %`` and unary minus. Anything else raises ``ValueError`` quoting the text.
+    """
+    if isinstance(expr, ast.AST):
+        return _evaluate_unit_node(expr, ast.unparse(expr))
+    if not isinstance(expr, str):
+        raise TypeError(f"unit_from_expression takes unit text, not {type(expr).__name__}: {expr!r}")
+    if expr.strip() == "1":
+        # A dimensionless quantity's unit prints as plain "1".
+        return get_unit_fast(1)
+    if len(expr) > _MAX_UNIT_TEXT:
+        raise ValueError(
+            f"Unit text of {len(expr)} characters is too long to be a unit "
+            f"(at most {_MAX_UNIT_TEXT}): {expr[:60]!r}..."
+        )
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
+        raise ValueError(f"Unit text {expr!r} is not an arithmetic expression: {error}") from None
+    return _evaluate_unit_node(tree.body, expr)
+
+
+def _evaluate_unit_node(node, text):
+    """Walk the syntax tree of unit ``text``; any node outside the whitelist is refused."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in _UNIT_NAMES:
+            raise ValueError(f"Unit text {text!r} names {node.id!r}, which is not a Brian2 unit.")
+        return _UNIT_NAMES[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_evaluate_unit_node(node.operand, text)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPERATORS:
+        left = _evaluate_unit_node(node.left, text)
+        right = _evaluate_unit_node(node.right, text)
+        if isinstance(node.op, ast.Pow) and not (
+            type(right) in (int, float) and abs(right) <= _MAX_EXPONENT
+        ):
+            raise ValueError(
+                f"Unit text {text!r} raises to the power {right!r}; exponents must be "
+                f"plain numbers of at most {_MAX_EXPONENT}."
+            )
+        try:
+            return _BINARY_OPERATORS[type(node.op)](left, right)
+        except Exception as error:  # mixed dimensions, division by zero, ...
+            raise ValueError(f"Unit text {text!r} cannot be computed: {error}") from None
+    raise ValueError(
+        f"Unit text {text!r} contains {type(node).__name__!r}; only numbers, Brian2 unit names, "
+        f"+ - * / ** % and unary minus are allowed."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Containers (spec 7.1): parameters and results that keep their Brian2 units
+#
+# Storage layout, shared with pypet.brian2 (identifier "__brn2__"):
+#   Brian2Parameter  table  data__brn2__           columns value (SI float), unit (text)
+#                    table  explored_data__brn2__  column value, when the parameter is explored
+#   Brian2Result     items  NAME__brn2__value      the numbers in SI base units
+#                           NAME__brn2__unit       the unit text
+#   Brian2MonitorResult     the same, plus the item monitor_type
+# Everything that is not a Quantity is stored exactly as pypet stores it.
+# ---------------------------------------------------------------------------------------------------
+
+
+class Brian2Parameter(Parameter):
+    """A pypet Parameter that also holds a scalar Brian2 Quantity, e.g. ``5 * ms``.
+
+    Explored values must all have the default's dimensions: a range of ms and mV is refused.
+    """
+
+    IDENTIFIER = "__brn2__"
+    __slots__ = ()
+
+    def __init__(self, full_name, data=None, comment=""):
+        super().__init__(full_name, data, comment)
+
+    def f_supports(self, data):
+        if isinstance(data, Quantity):
+            # A parameter is one value per run; arrays of quantities belong in a Brian2Result.
+            return data.shape == ()
+        return super().f_supports(data)
+
+    def f_set(self, data):
+        if isinstance(data, Quantity) and data.shape != ():
+            raise TypeError(
+                f"Brian2Parameter `{self.v_full_name}` holds a single Quantity, but got an array of "
+                f"shape {data.shape}. Store arrays in a Brian2Result, or explore the values one by one."
+            )
+        super().f_set(data)
+
+    def _values_of_same_type(self, val1, val2):
+        # Two quantities are "the same type" when their dimensions agree: 5 ms and 2 second are,
+        # 5 ms and 5 mV are not. A quantity and a plain number never are (unless unitless).
+        if isinstance(val1, Quantity) or isinstance(val2, Quantity):
+            return have_same_dimensions(val1, val2)
+        return super()._values_of_same_type(val1, val2)
+
+    def _data_sanity_checks(self, explore_iterable):
+        # pypet's own check would only say "not of the same type" (both are Quantity); name the
+        # dimensions instead, so the mixed-up value is easy to find.
+        values = list(explore_iterable)
+        if isinstance(self._default, Quantity):
+            unit = get_unit_fast(self._default)
+            for value in values:
+                if not have_same_dimensions(value, self._default):
+                    raise TypeError(
+                        f"Cannot explore `{self.v_full_name}` with {value!r}: its dimensions "
+                        f"({get_dimensions(value)}) differ from the default {self._default!r} "
+                        f"({get_dimensions(unit)}). Give every explored value in units of {unit!r}."
+                    )
+        return super()._data_sanity_checks(values)
+
+    def _store(self):
+        if not isinstance(self._data, Quantity):
+            return super()._store()
+        unit = get_unit_fast(self._data)
+        table = {"value": [float(np.asarray(self._data))], "unit": [repr(unit)]}
+        store_dict = {"data" + self.IDENTIFIER: ObjectTable(data=table)}
+        if self.f_has_range():
+            explored = [float(np.asarray(value)) for value in self._explored_range]
+            store_dict["explored_data" + self.IDENTIFIER] = ObjectTable(data={"value": explored})
+        self._locked = True
+        return store_dict
+
+    def _load(self, load_dict):
+        if self.v_locked:
+            raise ParameterLockedException(f"Parameter `{self.v_full_name}` is locked!")
+        if "data" + self.IDENTIFIER not in load_dict:
+            # Written by pypet's plain Parameter: nothing of Brian2 in it.
+            super()._load(load_dict)
+        else:
+            table = load_dict["data" + self.IDENTIFIER]
+            dimensions = get_dimensions(unit_from_expression(str(table["unit"][0])))
+            self._data = Quantity(table["value"][0], dim=dimensions)
+            if "explored_data" + self.IDENTIFIER in load_dict:
+                column = load_dict["explored_data" + self.IDENTIFIER]["value"]
+                self._explored_range = [Quantity(value, dim=dimensions) for value in column]
+                self._explored = True
+        self._default = self._data
+        self._locked = True
+
+
+class Brian2Result(Result):
+    """A pypet Result that also holds Brian2 Quantities, scalars or arrays of any shape."""
+
+    IDENTIFIER = Brian2Parameter.IDENTIFIER
+    __slots__ = ()
+
+    def __init__(self, full_name, *args, **kwargs):
+        super().__init__(full_name, *args, **kwargs)
+
+    def f_set_single(self, name, item):
+        if self.IDENTIFIER in name:
+            # The identifier marks the two stored halves of a quantity; a name holding it could not
+            # be told apart from them on loading.
+            raise AttributeError(
+                f"Result name `{name}` contains `{self.IDENTIFIER}`, which marks Brian2 data in the "
+                f"file. Choose a name without `{self.IDENTIFIER}`."
+            )
+        super().f_set_single(name, item)
+
+    def _supports(self, data):
+        return isinstance(data, Quantity) or super()._supports(data)
+
+    def _store(self):
+        store_dict = {}
+        for name, value in self._data.items():
+            if isinstance(value, Quantity):
+                # A Quantity's numbers already are its value in SI base units: np.asarray gives them
+                # without a copy, so big monitor arrays cost nothing extra here.
+                numbers = np.asarray(value)
+                store_dict[name + self.IDENTIFIER + "value"] = (
+                    float(numbers) if numbers.shape == () else numbers
+                )
+                store_dict[name + self.IDENTIFIER + "unit"] = repr(get_unit_fast(value))
+            else:
+                store_dict[name] = value
+        return store_dict
+
+    def _store_flags(self):
+        # PyTables cannot make its default compressed array (CArray) with a zero-length axis, such as
+        # a StateMonitor's (neurons x 0 steps) before it ran. A plain Array can: ask pypet for one.
+        flags = {}
+        for name, value in self._data.items():
+            if isinstance(value, np.ndarray) and value.size == 0 and value.ndim > 1:
+                stored_name = name + self.IDENTIFIER + "value" if isinstance(value, Quantity) else name
+                flags[stored_name] = pypetconstants.ARRAY
+        return flags
+
+    def _load(self, load_dict):
+        for key, value in load_dict.items():
+            if self.IDENTIFIER not in key:
+                self._data[key] = value
+            elif key.endswith(self.IDENTIFIER + "value"):
+                name = key[: -len(self.IDENTIFIER + "value")]
+                unit_key = name + self.IDENTIFIER + "unit"
+                if unit_key not in load_dict:
+                    raise ValueError(
+                        f"Result `{self.v_full_name}` has `{key}` but no `{unit_key}` in the file, "
+                        f"so the unit of `{name}` is unknown. The file is incomplete or not brian2pet's."
+                    )
+                dimensions = get_dimensions(unit_from_expression(str(load_dict[unit_key])))
+                if dimensions is DIMENSIONLESS:
+                    self._data[name] = Quantity(value)
+                else:
+                    self._data[name] = Quantity(value, dim=dimensions, copy=False)
+
+
+class Brian2MonitorResult(Brian2Result):
+    """A Brian2Result that copies the data out of one Brian2 monitor (never the monitor itself).
+
+    Pass the monitor at construction or with ``f_set``. Names of the items it keeps:
+      SpikeMonitor           t, i, num_spikes, when, name, source, [record_variables, variables...]
+      EventMonitor           t, i, num_events, event, when, name, source, [record_variables, ...]
+      StateMonitor           t, record, when, record_variables, name, source, variables...
+      PopulationRateMonitor  t, rate, name, source
+    ``v_monitor_type`` is the monitor's class name.
+    """
+
+    __slots__ = ("_monitor_type",)
+
+    def __init__(self, full_name, *args, **kwargs):
+        self._monitor_type = None
+        super().__init__(full_name, *args, **kwargs)
+
+    @property
+    def v_monitor_type(self):
+        """Class name of the monitor the data came from, e.g. ``'SpikeMonitor'``; None before."""
+        return self._monitor_type
+
+    def f_set_single(self, name, item):
+        if isinstance(item, (EventMonitor, StateMonitor, PopulationRateMonitor)):
+            if self.v_stored:
+                self._logger.warning(
+                    f"Result `{self.v_full_name}` is already stored; the new monitor data reaches "
+                    f"the file only if you store it again with overwrite."
+                )
+            self._extract_monitor_data(item)
+        elif isinstance(item, BrianObject):
+            raise TypeError(
+                f"Brian2MonitorResult `{self.v_full_name}` cannot take {type(item).__name__} "
+                f"`{item.name}`: it extracts SpikeMonitor, EventMonitor, StateMonitor and "
+                f"PopulationRateMonitor data only. Store other objects' values in a Brian2Result."
+            )
+        else:
+            super().f_set_single(name, item)
+
+    def _extract_monitor_data(self, monitor):
+        if self._monitor_type is not None:
+            raise TypeError(
+                f"Result `{self.v_full_name}` already holds the data of a {self._monitor_type}; "
+                f"one result keeps one monitor. Use a new result for {type(monitor).__name__} "
+                f"`{monitor.name}`."
+            )
+        # SpikeMonitor is a subclass of EventMonitor in Brian2, so it is asked first.
+        if isinstance(monitor, SpikeMonitor):
+            self._extract_event_monitor(monitor, count_name="num_spikes")
+        elif isinstance(monitor, EventMonitor):
+            self._extract_event_monitor(monitor, count_name="num_events")
+            self.f_set(event=monitor.event)
+        elif isinstance(monitor, StateMonitor):
+            self._extract_state_monitor(monitor)
+        else:
+            self._extract_population_rate_monitor(monitor)
+        self._monitor_type = type(monitor).__name__
+
+    def _extract_event_monitor(self, monitor, count_name):
+        self.f_set(name=monitor.name, source=str(monitor.source), when=monitor.when)
+        self.f_set(**{count_name: int(monitor.num_events)})
+        if monitor.record:
+            # [:] copies out of Brian2's dynamic arrays, which the monitor may still grow.
+            self.f_set(t=monitor.t[:], i=np.asarray(monitor.i[:]))
+        # t and i are always recorded; record_variables lists the extra ones, if any.
+        extra = sorted(set(monitor.record_variables) - {"t", "i"})
+        if extra:
+            self.f_set(record_variables=extra)
+            for variable in extra:
+                self.f_set(**{variable: getattr(monitor, variable)[:]})
+
+    def _extract_state_monitor(self, monitor):
+        self.f_set(name=monitor.name, source=str(monitor.source), when=monitor.when)
+        self.f_set(record=np.asarray(monitor.record), record_variables=list(monitor.record_variables))
+        self.f_set(t=monitor.t[:])
+        for variable in monitor.record_variables:
+            self.f_set(**{variable: getattr(monitor, variable).copy()})
+
+    def _extract_population_rate_monitor(self, monitor):
+        self.f_set(name=monitor.name, source=str(monitor.source))
+        self.f_set(t=monitor.t[:], rate=monitor.rate[:])
+
+    def _store(self):
+        store_dict = super()._store()
+        if self._monitor_type is not None:
+            store_dict["monitor_type"] = self._monitor_type
+        return store_dict
+
+    def _load(self, load_dict):
+        load_dict = dict(load_dict)
+        self._monitor_type = load_dict.pop("monitor_type", None)
+        super()._load(load_dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Components (spec 7.4): the building blocks a user writes
+#
+# Every method is a no-op, so a component implements only what it needs. Arguments:
+#   traj          the pypet Trajectory, where parameters are read and results added
+#   brian_list    flat list of Brian2 objects; the manager makes Network(*brian_list) from it
+#   network_dict  anything components share that is not in the trajectory
+#   network       the Brian2 Network being simulated
+#   current_subrun / subrun_list   the Brian2Parameter about to run / those still to come (7.5)
+# ---------------------------------------------------------------------------------------------------
+
+
+class NetworkComponent(HasLogger):
+    """A part of the network: adds its parameters and builds, adds and removes Brian2 objects."""
+
+    def add_parameters(self, traj):
+        """Add the parameters this component needs to ``traj``."""
+
+    def pre_build(self, traj, brian_list, network_dict):
+        """Build objects that stay the same for every run of the exploration (called once)."""
+
+    def build(self, traj, brian_list, network_dict):
+        """Build objects that are made anew in every run."""
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        """Add objects to ``network`` just before ``current_subrun`` runs, e.g. a monitor."""
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        """Take objects out of ``network`` after ``current_subrun`` ran and was analysed."""
+
+
+class NetworkAnalyser(NetworkComponent):
+    """A component that also evaluates the network's output after every subrun (spec 7.4.1)."""
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        """Read monitors, compute statistics, add results to ``traj``; may edit ``subrun_list``."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The runner (spec 7.4.2, 7.5): one run is a sequence of subruns
+# ---------------------------------------------------------------------------------------------------
+
+
+class NetworkRunner(NetworkComponent):
+    """Simulates a network subrun by subrun. Subclass it to add the duration parameters.
+
+    Subruns are the Brian2Parameters in ``durations_group_name`` (``pre_durations_group_name`` for
+    a pre-run), run in ascending ``v_annotations.order``. ``report`` and ``report_period`` are
+    passed to Brian2's ``Network.run``.
+    """
+
+    def __init__(
+        self,
+        report="text",
+        report_period=10 * second,
+        durations_group_name="simulation.durations",
+        pre_durations_group_name="simulation.pre_durations",
+    ):
+        self._report = report
+        self._report_period = 10 * second if report_period is None else report_period
+        self._durations_group_name = durations_group_name
+        self._pre_durations_group_name = pre_durations_group_name
+        self._set_logger()
+
+    def execute_network_pre_run(self, traj, network, network_dict, component_list, analyser_list):
+        """Run the pre-run's subruns (from the pre-durations group) on ``network``."""
+        self._execute_network_run(
+            traj, network, network_dict, component_list, analyser_list, pre_run=True
+        )
+
+    def execute_network_run(self, traj, network, network_dict, component_list, analyser_list):
+        """Run one exploration run's subruns (from the durations group) on ``network``."""
+        self._execute_network_run(
+            traj, network, network_dict, component_list, analyser_list, pre_run=False
+        )
+
+    def _extract_subruns(self, traj, pre_run=False):
+        """The group's Brian2Parameters, sorted by ``v_annotations.order`` (gaps allowed)."""
+        group_name = self._pre_durations_group_name if pre_run else self._durations_group_name
+        by_order = {}
+        for group in traj.f_get_all(group_name):
+            if group.v_is_leaf:
+                continue
+            for duration in group.f_iter_leaves(with_links=False):
+                if not isinstance(duration, Brian2Parameter):
+                    raise TypeError(
+                        f"`{duration.v_full_name}` is a {type(duration).__name__}, but every "
+                        f"entry of the subrun group `{group_name}` must be a Brian2Parameter "
+                        f"holding a duration, e.g. 500 * ms."
+                    )
+                if "order" not in duration.v_annotations:
+                    raise RuntimeError(
+                        f"Subrun `{duration.v_full_name}` has no order. Set its "
+                        f"`v_annotations.order`; subruns run in ascending order."
+                    )
+                order = duration.v_annotations.order
+                if order in by_order:
+                    raise RuntimeError(
+                        f"Subruns `{by_order[order].v_full_name}` and `{duration.v_full_name}` "
+                        f"both have order {order}; give each subrun its own order."
+                    )
+                by_order[order] = duration
+        if not by_order:
+            raise RuntimeError(
+                f"No subruns: the trajectory has no Brian2Parameter in `{group_name}`, so there is "
+                f"nothing to simulate. Add one, e.g. traj.f_add_parameter(Brian2Parameter, "
+                f"'{group_name}.run', 1 * second).v_annotations.order = 0."
+            )
+        return [by_order[order] for order in sorted(by_order)]
+
+    def _execute_network_run(
+        self, traj, network, network_dict, component_list, analyser_list, pre_run=False
+    ):
+        """Run every subrun through the four steps of spec 7.5 (figure 'network run')."""
+        # subrun_list is live: analysers see it and may empty it (cancel the rest of this run, e.g.
+        # on pathological activity) or append to it (run longer). Hence a while loop, not a for.
+        subrun_list = self._extract_subruns(traj, pre_run=pre_run)
+        subrun_number = 0
+        while subrun_list:
+            current_subrun = subrun_list.pop(0)
+            arguments = (traj, network, current_subrun, subrun_list, network_dict)
+
+            # Step 1, add_to_network: components, then analysers, then the runner itself.
+            for component in component_list:
+                component.add_to_network(*arguments)
+            for analyser in analyser_list:
+                analyser.add_to_network(*arguments)
+            self.add_to_network(*arguments)
+
+            # Step 2, run: simulate for the duration held by the current subrun.
+            duration = current_subrun.f_get()
+            self._logger.info(
+                f"Subrun `{current_subrun.v_name}` (#{subrun_number}) for {duration}"
+            )
+            network.run(duration, report=self._report, report_period=self._report_period)
+
+            # Step 3, analyse: every analyser, in the order the manager was given them.
+            for analyser in analyser_list:
+                analyser.analyse(*arguments)
+
+            # Step 4, remove_from_network: the reverse of step 1 - runner, analysers, components.
+            self.remove_from_network(*arguments)
+            for analyser in analyser_list:
+                analyser.remove_from_network(*arguments)
+            for component in component_list:
+                component.remove_from_network(*arguments)
+            subrun_number += 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The manager (spec 7.2, 7.3): builds networks and hands them to the runner
+#
+# What lives how long (the part pypet.brian2 gets wrong in one process):
+#   - pre_build fills the manager's brian_list and network_dict once. They are never changed after.
+#   - Each run gets its own copies of both, and build() adds that run's objects to the copies only.
+#   - Brian2 refuses to put an object that one Network simulated into another Network. So once
+#     anything is pre-built, all runs share ONE Network holding the pre-built objects: it stores its
+#     state before the first run (or after the pre-run), and each run restores that state, adds its
+#     own objects, runs, and takes everything it added out again.
+#   - With nothing pre-built, every run simply gets a new Network from its own objects.
+# With several processes each run is a forked copy of the manager, so the same code gives the same
+# start state either way.
+# ---------------------------------------------------------------------------------------------------
+
+
+class NetworkManager(HasLogger):
+    """Calls components, analysers and the runner in the documented order, and owns the networks.
+
+    ``component_list`` and ``analyser_list`` are used in the order given: a component that uses
+    another's objects must come after it. ``network_constructor`` makes the network from the
+    brian_list (Brian2's ``Network`` by default).
+    """
+
+    def __init__(self, network_runner, component_list, analyser_list=(), network_constructor=None):
+        self.components = component_list
+        self.analysers = analyser_list
+        self.network_runner = network_runner
+        self._network_constructor = Network if network_constructor is None else network_constructor
+        self._brian_list = []  # pre-built objects only
+        self._network_dict = {}  # pre-built shared items only
+        self._pre_built = False
+        self._pre_run = False
+        self._network = None  # the one network of the pre-built objects, once it exists
+        self._pre_built_objects = set()  # what that network holds at its stored state
+        self._set_logger()
+
+    def _parts(self):
+        """Components, analysers, then the runner: the order of every manager step (7.3)."""
+        return [*self.components, *self.analysers, self.network_runner]
+
+    def add_parameters(self, traj):
+        """Let every component, analyser and the runner add its parameters to ``traj``."""
+        for part in self._parts():
+            part.add_parameters(traj)
+
+    def pre_build(self, traj):
+        """Build, once, what stays the same in every run (spec 7.3, optional)."""
+        if self._pre_built:
+            raise RuntimeError(
+                "This manager is already pre-built; pre_build (and pre_run_network, which calls "
+                "it) may be called once. Make a new NetworkManager for a new exploration."
+            )
+        self._call_builders("pre_build", traj, self._brian_list, self._network_dict)
+        self._pre_built = True
+
+    def build(self, traj):
+        """Build one run's objects; returns that run's ``(brian_list, network_dict)``.
+
+        Both start as copies of what pre_build made, so nothing built here outlives the run.
+        """
+        brian_list, network_dict = list(self._brian_list), dict(self._network_dict)
+        self._call_builders("build", traj, brian_list, network_dict)
+        return brian_list, network_dict
+
+    def _call_builders(self, method_name, traj, brian_list, network_dict):
+        for part in self._parts():
+            getattr(part, method_name)(traj, brian_list, network_dict)
+            # Check at once, while we still know whom to blame; Network() would fail much later
+            # and far from the component that caused it.
+            for item in brian_list:
+                if not isinstance(item, BrianObject):
+                    raise TypeError(
+                        f"{type(part).__name__}.{method_name}() put {item!r} "
+                        f"({type(item).__name__}) into brian_list. brian_list is passed to "
+                        f"Network(*brian_list) and holds Brian2 objects only, one by one (no nested "
+                        f"lists); put other shared items into network_dict."
+                    )
+
+    def pre_run_network(self, traj):
+        """Pre-build, then simulate the pre-durations once; every run starts from that state."""
+        if not self._pre_built:
+            self.pre_build(traj)
+        self._logger.info("Pre-running the network")
+        network = self._network_constructor(*self._brian_list)
+        self.network_runner.execute_network_pre_run(
+            traj, network, self._network_dict, self.components, self.analysers
+        )
+        self._keep_network(network, state_name="pre_run")
+        self._pre_run = True
+
+    def run_network(self, traj):
+        """One run of the exploration: pass this to ``Environment.run`` (spec 7.3)."""
+        brian_list, network_dict = self.build(traj)
+        self._log_explored_values(traj)
+        network = self._network_for_run(traj, brian_list)
+        try:
+            self.network_runner.execute_network_run(
+                traj, network, network_dict, self.components, self.analysers
+            )
+        finally:
+            if network is self._network:
+                # Whatever this run added (its built objects, monitors left in) leaves with it.
+                network.remove(*(set(network.objects) - self._pre_built_objects))
+
+    def _network_for_run(self, traj, brian_list):
+        if not self._pre_built:
+            return self._network_constructor(*brian_list)
+        if self._network is None:
+            # First run after pre_build (no pre-run): the pre-built objects get their one network.
+            self._keep_network(self._network_constructor(*self._brian_list), state_name="pre_build")
+        self._network.restore(self._state_name)
+        self._network.add(*[obj for obj in brian_list if obj not in self._pre_built_objects])
+        return self._network
+
+    def _keep_network(self, network, state_name):
+        network.store(state_name)
+        self._network, self._state_name = network, state_name
+        self._pre_built_objects = set(network.objects)
+
+    def _log_explored_values(self, traj):
+        explored = traj.f_get_explored_parameters(copy=False)
+        values = ", ".join(f"{p.v_full_name} = {p.f_val_to_str()}" for p in explored.values())
+        self._logger.info(f"Running the network, run {traj.v_idx}: {values or 'nothing explored'}")
