@@ -324,7 +324,8 @@ class Brian2MonitorResult(Brian2Result):
       EventMonitor           t, i, num_events, event, when, name, source, [record_variables, ...]
       StateMonitor           t, record, when, record_variables, name, source, variables...
       PopulationRateMonitor  t, rate, name, source
-    ``v_monitor_type`` is the monitor's class name.
+    ``source`` is the name of the recorded group (text, not the group itself), and
+    ``v_monitor_type`` the monitor's class name.
     """
 
     __slots__ = ("_monitor_type",)
@@ -375,7 +376,7 @@ class Brian2MonitorResult(Brian2Result):
         self._monitor_type = type(monitor).__name__
 
     def _extract_event_monitor(self, monitor, count_name):
-        self.f_set(name=monitor.name, source=str(monitor.source), when=monitor.when)
+        self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
         self.f_set(**{count_name: int(monitor.num_events)})
         if monitor.record:
             # [:] copies out of Brian2's dynamic arrays, which the monitor may still grow.
@@ -388,14 +389,14 @@ class Brian2MonitorResult(Brian2Result):
                 self.f_set(**{variable: getattr(monitor, variable)[:]})
 
     def _extract_state_monitor(self, monitor):
-        self.f_set(name=monitor.name, source=str(monitor.source), when=monitor.when)
+        self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
         self.f_set(record=np.asarray(monitor.record), record_variables=list(monitor.record_variables))
         self.f_set(t=monitor.t[:])
         for variable in monitor.record_variables:
             self.f_set(**{variable: getattr(monitor, variable).copy()})
 
     def _extract_population_rate_monitor(self, monitor):
-        self.f_set(name=monitor.name, source=str(monitor.source))
+        self.f_set(name=monitor.name, source=monitor.source.name)
         self.f_set(t=monitor.t[:], rate=monitor.rate[:])
 
     def _store(self):

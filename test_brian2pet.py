@@ -1,0 +1,736 @@
+"""Tests of brian2pet.py (and, further down, of the example clustered_network.py).
+
+Real Brian2 networks on the numpy target, real HDF5 files in pytest's temporary folders.
+Sections follow the module: units, containers, drop-in names, runner, manager.
+"""
+
+import inspect
+import logging
+import os
+
+import brian2
+import numpy as np
+import pytest
+import tables
+from brian2 import (
+    EventMonitor,
+    Hz,
+    NeuronGroup,
+    PoissonGroup,
+    PopulationRateMonitor,
+    SpikeMonitor,
+    StateMonitor,
+    Synapses,
+    mV,
+    ms,
+    nS,
+    second,
+)
+from pypet import Environment, Result, Trajectory, load_trajectory
+
+import brian2pet
+from brian2pet import (
+    Brian2MonitorResult,
+    Brian2Parameter,
+    Brian2Result,
+    NetworkAnalyser,
+    NetworkComponent,
+    NetworkManager,
+    NetworkRunner,
+    get_unit_fast,
+    unit_from_expression,
+)
+
+brian2.prefs.codegen.target = "numpy"
+logging.getLogger("brian2").setLevel(logging.ERROR)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def new_trajectory(tmp_path, name="t"):
+    return Trajectory(name, filename=str(tmp_path / f"{name}.hdf5"), add_time=False)
+
+
+def store_and_reload(traj, name="t"):
+    """Store ``traj`` and load everything back with brian2pet's classes, from the file."""
+    traj.f_store()
+    return load_trajectory(
+        name=name,
+        filename=traj.v_storage_service.filename,
+        load_data=2,
+        dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. Units as text
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "quantity", [5 * ms, 3 * mV / ms, 2 * Hz, 4 * nS, 1.5 * brian2.amp * second, 7 * mV**2]
+)
+def test_unit_text_round_trip(quantity):
+    text = repr(get_unit_fast(quantity))
+    unit = unit_from_expression(text)
+    assert brian2.have_same_dimensions(unit, quantity)
+    assert float(unit) == 1.0
+
+
+def test_unit_text_dimensionless_and_names():
+    assert repr(get_unit_fast(3.0)) == "1"
+    assert not brian2.is_dimensionless(unit_from_expression("1. * second"))
+    assert unit_from_expression("1") == 1
+    assert unit_from_expression("2 * mV") == 2 * mV  # Brian2's short names are known too
+    assert unit_from_expression("-(3 % 2) * ms") == -1 * ms
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "__import__('os').system('touch pwned')",
+        "open('pwned', 'w')",
+        "second.__class__",
+        "[second]",
+        "lambda: 1",
+        "second if 1 else volt",
+        "'second'",
+        "True * second",
+        "1j * second",
+        "second + volt",
+        "9 ** 9 ** 9",
+        "second ** second",
+        "pwned",
+        "(" * 300 + "1" + ")" * 300,
+        "1 * " * 400 + "second",
+        "second; import os",
+    ],
+)
+def test_hostile_unit_text_is_refused_not_evaluated(text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as error:
+        unit_from_expression(text)
+    assert repr(text[:60])[:-1] in str(error.value)  # the message quotes the text (or its start)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_hostile_unit_text_in_a_file_is_refused(tmp_path, monkeypatch):
+    """A crafted file: a result whose unit text is code. Loading must refuse it, not run it."""
+    monkeypatch.chdir(tmp_path)
+    text = "__import__('os').system('touch pwned')"
+    traj = new_trajectory(tmp_path)
+    traj.f_add_result(Result, "evil", **{"x__brn2__value": 1.0, "x__brn2__unit": text})
+    traj.f_store()
+    with tables.open_file(str(tmp_path / "t.hdf5"), "a") as h5:  # now claim it is Brian2 data
+        h5.get_node("/t/results/evil")._v_attrs["SRVC_INIT_CLASS_NAME"] = "Brian2Result"
+    with pytest.raises(ValueError, match="__import__"):
+        load_trajectory(name="t", filename=str(tmp_path / "t.hdf5"), load_data=2,
+                        dynamic_imports=[Brian2Result])
+    assert not (tmp_path / "pwned").exists()
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. Containers
+# -------------------------------------------------------------------------------------------------
+
+
+def test_parameter_round_trip_value_unit_and_range(tmp_path):
+    traj = new_trajectory(tmp_path)
+    traj.f_add_parameter(Brian2Parameter, "tau", 5 * ms)
+    traj.f_add_parameter(Brian2Parameter, "g", 0.3 * nS / mV)
+    traj.f_add_parameter(Brian2Parameter, "plain", 0.25)
+    traj.f_add_parameter(Brian2Parameter, "name", "excitatory")
+    explored = [1 * ms, 0.1 * ms, 2.5 * second, 1e-7 * second]
+    traj.f_explore({"tau": explored})
+    back = store_and_reload(traj)
+    tau = back.f_get("parameters.tau")
+    assert isinstance(tau, Brian2Parameter)
+    assert tau.f_get_default() == 5 * ms
+    assert list(tau.f_get_range()) == explored  # exact: SI floats in, the same floats out
+    assert back.f_get("parameters.g").f_get() == 0.3 * nS / mV
+    assert back.f_get("parameters.plain").f_get() == 0.25
+    assert back.f_get("parameters.name").f_get() == "excitatory"
+
+
+def test_parameter_explore_refuses_mixed_dimensions(tmp_path):
+    traj = new_trajectory(tmp_path)
+    traj.f_add_parameter(Brian2Parameter, "tau", 5 * ms)
+    with pytest.raises(TypeError, match=r"`parameters\.tau` with 5\. \* mvolt.*units of 1\. \* second"):
+        traj.f_explore({"tau": [1 * ms, 5 * mV]})
+    with pytest.raises(TypeError):
+        traj.f_explore({"tau": [1 * ms, 3.0]})
+
+
+def test_parameter_refuses_array_quantity(tmp_path):
+    traj = new_trajectory(tmp_path)
+    with pytest.raises(TypeError, match="Brian2Result"):
+        traj.f_add_parameter(Brian2Parameter, "taus", [1, 2] * ms)
+
+
+def test_result_round_trip_any_shape(tmp_path):
+    traj = new_trajectory(tmp_path)
+    data = {
+        "scalar": 3 * mV,
+        "vector": np.linspace(0, 1, 7) * second,
+        "matrix": np.arange(12).reshape(3, 4) * nS,
+        "cube": np.ones((2, 3, 4)) * Hz,
+        "empty": np.array([]) * ms,
+        "empty2d": np.zeros((3, 0)) * mV,
+        "count": 42,
+        "label": "clustered",
+        "plain_array": np.arange(5),
+    }
+    traj.f_add_result(Brian2Result, "r", **data)
+    back = store_and_reload(traj).f_get("results.r")
+    for name, value in data.items():
+        loaded = back.f_get(name)
+        if isinstance(value, brian2.Quantity):
+            assert isinstance(loaded, brian2.Quantity) and loaded.shape == value.shape
+            assert brian2.have_same_dimensions(loaded, value)
+            np.testing.assert_array_equal(np.asarray(loaded), np.asarray(value))
+        else:
+            np.testing.assert_array_equal(loaded, value)
+
+
+def test_result_refuses_identifier_in_name(tmp_path):
+    traj = new_trajectory(tmp_path)
+    result = traj.f_add_result(Brian2Result, "r", a=1 * ms)
+    with pytest.raises(AttributeError, match="__brn2__"):
+        result.f_set(**{"b__brn2__unit": 2 * ms})
+    assert result.a == 1 * ms  # nothing already held is lost
+
+
+def record_all_monitors(run=True):
+    """A tiny network with one of each supported monitor (recording variables too)."""
+    brian2.seed(3)
+    group = NeuronGroup(
+        6,
+        "dv/dt = (1.2 - v) / (5*ms) : 1",
+        threshold="v > 1",
+        reset="v = 0",
+        events={"half": "v > 0.5"},
+        method="exact",
+    )
+    group.v = "rand()"
+    monitors = {
+        "spikes": SpikeMonitor(group),
+        "spikes_v": SpikeMonitor(group, variables=["v"]),
+        "events": EventMonitor(group, "half", variables=["v"]),
+        "state": StateMonitor(group, "v", record=[0, 2, 5]),
+        "rate": PopulationRateMonitor(group),
+    }
+    if run:
+        brian2.Network(group, *monitors.values()).run(20 * ms)
+    return monitors
+
+
+EXPECTED_NAMES = {
+    "spikes": {"t", "i", "num_spikes", "when", "name", "source"},
+    "spikes_v": {"t", "i", "num_spikes", "when", "name", "source", "record_variables", "v"},
+    "events": {"t", "i", "num_events", "event", "when", "name", "source", "record_variables", "v"},
+    "state": {"t", "record", "when", "record_variables", "name", "source", "v"},
+    "rate": {"t", "rate", "name", "source"},
+}
+
+
+@pytest.mark.parametrize("run", [True, False], ids=["recorded", "empty"])
+def test_monitor_results_round_trip(tmp_path, run):
+    monitors = record_all_monitors(run)
+    traj = new_trajectory(tmp_path)
+    for name, monitor in monitors.items():
+        traj.f_add_result(Brian2MonitorResult, f"monitors.{name}", monitor)
+    back = store_and_reload(traj)
+    for name, monitor in monitors.items():
+        result = back.f_get(f"results.monitors.{name}")
+        assert result.v_monitor_type == type(monitor).__name__
+        assert set(result.f_to_dict()) == EXPECTED_NAMES[name]
+        assert result.name == monitor.name and result.source == monitor.source.name
+        np.testing.assert_array_equal(result.t, monitor.t[:])
+        assert brian2.have_same_dimensions(result.t, second)
+    spikes, state = back.results.monitors.spikes, back.results.monitors.state
+    assert spikes.num_spikes == monitors["spikes"].num_spikes == len(spikes.t)
+    assert (spikes.num_spikes > 0) == run
+    np.testing.assert_array_equal(spikes.i, monitors["spikes"].i[:])
+    np.testing.assert_array_equal(back.results.monitors.events.v, monitors["events"].v[:])
+    assert back.results.monitors.events.event == "half"
+    np.testing.assert_array_equal(state.record, [0, 2, 5])
+    assert state.v.shape == (3, 200 if run else 0)
+    np.testing.assert_array_equal(state.v, monitors["state"].v)
+    np.testing.assert_array_equal(back.results.monitors.rate.rate, monitors["rate"].rate[:])
+    assert brian2.have_same_dimensions(back.results.monitors.rate.rate, Hz)
+
+
+def test_monitor_result_takes_one_monitor_only(tmp_path):
+    monitors = record_all_monitors()
+    traj = new_trajectory(tmp_path)
+    result = traj.f_add_result(Brian2MonitorResult, "m", monitors["spikes"])
+    with pytest.raises(TypeError, match="one monitor"):
+        result.f_set(monitors["rate"])
+    assert result.v_monitor_type == "SpikeMonitor"
+    assert result.num_spikes == monitors["spikes"].num_spikes
+
+
+def test_monitor_result_refuses_other_brian_objects(tmp_path):
+    traj = new_trajectory(tmp_path)
+    group = NeuronGroup(2, "v : 1")
+    with pytest.raises(TypeError, match="NeuronGroup"):
+        traj.f_add_result(Brian2MonitorResult, "m", group)
+
+
+# Files written by either implementation load with the other's classes.
+pypet_brian2 = pytest.importorskip("pypet.brian2.parameter")
+
+
+@pytest.mark.parametrize("writer,reader", [(brian2pet, pypet_brian2), (pypet_brian2, brian2pet)])
+def test_storage_layout_shared_with_pypet_brian2(tmp_path, writer, reader):
+    monitors = record_all_monitors()
+    traj = new_trajectory(tmp_path)
+    traj.f_add_parameter(writer.Brian2Parameter, "tau", 5 * ms)
+    traj.f_explore({"tau": [1 * ms, 2 * ms]})
+    traj.f_add_result(writer.Brian2Result, "r", v=[1, 2] * mV, n=3)
+    traj.f_add_result(writer.Brian2MonitorResult, "spikes", monitors["spikes"])
+    traj.f_add_result(writer.Brian2MonitorResult, "rate", monitors["rate"])
+    traj.f_store()
+    back = load_trajectory(
+        name="t",
+        filename=str(tmp_path / "t.hdf5"),
+        load_data=2,
+        dynamic_imports=[reader.Brian2Parameter, reader.Brian2Result, reader.Brian2MonitorResult],
+    )
+    assert type(back.f_get("parameters.tau")) is reader.Brian2Parameter
+    assert list(back.f_get("parameters.tau").f_get_range()) == [1 * ms, 2 * ms]
+    assert type(back.results.spikes) is reader.Brian2MonitorResult
+    np.testing.assert_array_equal(back.results.r.v, [1, 2] * mV)
+    np.testing.assert_array_equal(back.results.spikes.t, monitors["spikes"].t[:])
+    np.testing.assert_array_equal(back.results.rate.rate, monitors["rate"].rate[:])
+    assert back.results.spikes.v_monitor_type == "SpikeMonitor"
+
+
+# -------------------------------------------------------------------------------------------------
+# Drop-in for pypet.brian2
+# -------------------------------------------------------------------------------------------------
+
+PUBLIC = [
+    "Brian2Parameter",
+    "Brian2Result",
+    "Brian2MonitorResult",
+    "get_unit_fast",
+    "unit_from_expression",
+    "NetworkComponent",
+    "NetworkAnalyser",
+    "NetworkRunner",
+    "NetworkManager",
+]
+
+
+def test_all_lists_exactly_the_public_names():
+    assert sorted(brian2pet.__all__) == sorted(PUBLIC)
+    public = {
+        name
+        for name, value in vars(brian2pet).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == "brian2pet"
+    }
+    assert public == set(PUBLIC)
+
+
+def test_same_signatures_as_pypet_brian2():
+    import pypet.brian2.network as theirs_network
+    import pypet.brian2.parameter as theirs_parameter
+
+    for name in PUBLIC:
+        theirs = getattr(theirs_parameter, name, None) or getattr(theirs_network, name)
+        ours = getattr(brian2pet, name)
+        members = [(name, ours, theirs)]
+        if inspect.isclass(theirs):
+            members += [
+                (f"{name}.{attr}", getattr(ours, attr, None), value)
+                for attr, value in vars(theirs).items()
+                if inspect.isfunction(value) and (not attr.startswith("_") or attr in (
+                    "__init__", "_extract_subruns", "_execute_network_run"))
+            ]
+        for label, mine, other in members:
+            assert mine is not None, f"{label} is missing"
+            if callable(other):
+                assert list(inspect.signature(mine).parameters) == list(
+                    inspect.signature(other).parameters
+                ), label
+
+
+def test_module_does_not_import_matplotlib():
+    source = open(os.path.join(HERE, "brian2pet.py")).read()
+    assert "matplotlib" not in source.split('"""', 2)[2]  # only the docstring may mention it
+
+
+# -------------------------------------------------------------------------------------------------
+# Spies: components that log every call, on a real little network
+# -------------------------------------------------------------------------------------------------
+
+
+class SpyComponent(NetworkComponent):
+    """Logs (name, method, subrun) for every call; the first one owns a NeuronGroup."""
+
+    def __init__(self, name, log, makes_group=None):
+        self.name, self.log, self.makes_group = name, log, makes_group
+
+    def add_parameters(self, traj):
+        self.log.append((self.name, "add_parameters"))
+
+    def pre_build(self, traj, brian_list, network_dict):
+        self.log.append((self.name, "pre_build"))
+        self._make_group("pre_build", brian_list)
+
+    def build(self, traj, brian_list, network_dict):
+        self.log.append((self.name, "build"))
+        self._make_group("build", brian_list)
+
+    def _make_group(self, when, brian_list):
+        if self.makes_group == when:
+            brian_list.append(NeuronGroup(3, "dv/dt = -v / (10*ms) : 1", method="exact"))
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        self.log.append((self.name, "add_to_network", current_subrun.v_name))
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        self.log.append((self.name, "remove_from_network", current_subrun.v_name))
+
+
+class SpyAnalyser(SpyComponent, NetworkAnalyser):
+    """Also logs analyse, with the simulated time, so the run is seen to come before it."""
+
+    def __init__(self, name, log, on_analyse=None):
+        super().__init__(name, log)
+        self.on_analyse = on_analyse
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        self.log.append((self.name, "analyse", current_subrun.v_name, float(network.t / ms)))
+        if self.on_analyse:
+            self.on_analyse(current_subrun, subrun_list)
+
+
+class SpyRunner(NetworkRunner):
+    def __init__(self, log, durations=(("first", 0, 1 * ms),), **kwargs):
+        super().__init__(report=None, **kwargs)
+        self.log, self.durations = log, durations
+
+    def add_parameters(self, traj):
+        self.log.append(("runner", "add_parameters"))
+        for name, order, duration in self.durations:
+            parameter = traj.f_add_parameter(Brian2Parameter, f"simulation.durations.{name}", duration)
+            if order is not None:
+                parameter.v_annotations.order = order
+
+    def pre_build(self, traj, brian_list, network_dict):
+        self.log.append(("runner", "pre_build"))
+
+    def build(self, traj, brian_list, network_dict):
+        self.log.append(("runner", "build"))
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        self.log.append(("runner", "add_to_network", current_subrun.v_name))
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        self.log.append(("runner", "remove_from_network", current_subrun.v_name))
+
+
+def spy_manager(log, durations=(("first", 0, 1 * ms),), on_analyse=None, group_in="build"):
+    components = [SpyComponent("c1", log, makes_group=group_in), SpyComponent("c2", log)]
+    analysers = [SpyAnalyser("a1", log, on_analyse), SpyAnalyser("a2", log)]
+    return NetworkManager(SpyRunner(log, durations), components, analysers)
+
+
+def subruns_seen(log):
+    return [entry[2] for entry in log if entry[:2] == ("a1", "analyse")]
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. The runner
+# -------------------------------------------------------------------------------------------------
+
+
+def test_manager_steps_call_parts_in_documented_order():
+    log = []
+    manager = spy_manager(log)
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    manager.pre_build(traj)
+    parts = ["c1", "c2", "a1", "a2", "runner"]
+    assert log == [(p, "add_parameters") for p in parts] + [(p, "pre_build") for p in parts]
+    log.clear()
+    manager.run_network(traj)
+    assert log == (
+        [(p, "build") for p in parts]
+        + [(p, "add_to_network", "first") for p in parts]
+        + [("a1", "analyse", "first", 1.0), ("a2", "analyse", "first", 1.0)]
+        + [(p, "remove_from_network", "first") for p in ["runner", "a1", "a2", "c1", "c2"]]
+    )
+
+
+def test_subruns_run_in_ascending_order_with_gaps():
+    log = []
+    durations = (("third", 42, 3 * ms), ("init", 0, 1 * ms), ("measure", 1, 2 * ms))
+    manager = spy_manager(log, durations)
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    manager.run_network(traj)
+    assert subruns_seen(log) == ["init", "measure", "third"]
+    times = [entry[3] for entry in log if entry[:2] == ("a1", "analyse")]
+    assert times == pytest.approx([1.0, 3.0, 6.0])  # each subrun ran for its own duration
+
+
+@pytest.mark.parametrize(
+    "durations,message",
+    [
+        ((("a", 1, 1 * ms), ("b", 1, 2 * ms)), r"`parameters\.simulation\.durations\.a` and "
+                                                r"`parameters\.simulation\.durations\.b`.*order 1"),
+        ((("a", 0, 1 * ms), ("b", None, 2 * ms)), r"`parameters\.simulation\.durations\.b` has no order"),
+        ((), r"No subruns.*`simulation\.durations`"),
+    ],
+    ids=["equal orders", "no order", "no subruns"],
+)
+def test_subrun_errors(durations, message):
+    manager = spy_manager([], durations)
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    with pytest.raises(RuntimeError, match=message):
+        manager.run_network(traj)
+
+
+def test_subrun_group_name_is_configurable():
+    log = []
+    runner = SpyRunner(log, (("x", 0, 1 * ms),), durations_group_name="phases.main")
+    runner.add_parameters = lambda traj: traj.f_add_parameter(
+        Brian2Parameter, "phases.main.x", 2 * ms
+    ).v_annotations.f_set(order=0)
+    manager = NetworkManager(runner, [SpyComponent("c1", log, makes_group="build")], [SpyAnalyser("a1", log)])
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    manager.run_network(traj)
+    assert subruns_seen(log) == ["x"]
+
+
+def test_analyser_can_cancel_the_remaining_subruns():
+    log = []
+    durations = (("init", 0, 1 * ms), ("measure", 1, 2 * ms), ("late", 2, 3 * ms))
+
+    def cancel(current_subrun, subrun_list):
+        if current_subrun.v_name == "init":
+            subrun_list.clear()  # e.g. pathological activity detected
+
+    manager = spy_manager(log, durations, on_analyse=cancel)
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    manager.run_network(traj)
+    assert subruns_seen(log) == ["init"]
+    assert log[-1] == ("c2", "remove_from_network", "init")  # the cancelled run still cleans up
+
+
+def test_analyser_can_add_subruns():
+    log = []
+    extra = Brian2Parameter("simulation.extra", 5 * ms)
+
+    def extend(current_subrun, subrun_list):
+        if current_subrun.v_name == "init":
+            subrun_list.append(extra)
+
+    manager = spy_manager(log, (("init", 0, 1 * ms), ("measure", 1, 2 * ms)), on_analyse=extend)
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    manager.run_network(traj)
+    assert subruns_seen(log) == ["init", "measure", "extra"]
+    assert [e[3] for e in log if e[:2] == ("a1", "analyse")] == pytest.approx([1.0, 3.0, 8.0])
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. The manager
+# -------------------------------------------------------------------------------------------------
+
+
+class BadComponent(NetworkComponent):
+    def build(self, traj, brian_list, network_dict):
+        brian_list.append([NeuronGroup(1, "v : 1")])  # nested: not a Brian2 object
+
+
+def test_brian_list_must_hold_brian_objects():
+    log = []
+    manager = NetworkManager(SpyRunner(log), [SpyComponent("c1", log, makes_group="build"), BadComponent()])
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    with pytest.raises(TypeError, match=r"BadComponent\.build\(\).*list.*network_dict"):
+        manager.run_network(traj)
+
+
+def test_pre_run_calls_pre_build_then_runs_the_pre_durations():
+    log = []
+    manager = spy_manager(log, group_in="pre_build")
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    traj.f_add_parameter(Brian2Parameter, "simulation.pre_durations.warmup", 4 * ms).v_annotations.order = 0
+    manager.pre_run_network(traj)
+    assert log[5:10] == [(p, "pre_build") for p in ["c1", "c2", "a1", "a2", "runner"]]
+    assert subruns_seen(log) == ["warmup"]
+    log.clear()
+    manager.run_network(traj)
+    assert subruns_seen(log) == ["first"]
+    assert [e[3] for e in log if e[:2] == ("a1", "analyse")] == [5.0]  # 4 ms pre-run + 1 ms
+
+
+# A small explored experiment: a driven group, an explored coupling built per run, a spike monitor.
+# ``mode`` says what the main script does before running: nothing, pre_build or pre_run_network.
+
+
+class DrivenGroup(NetworkComponent):
+    def add_parameters(self, traj):
+        traj.f_add_parameter(Brian2Parameter, "model.tau", 10 * ms)
+        traj.f_add_parameter(Brian2Parameter, "model.w", 0.1)
+
+    def _make(self, traj, brian_list, network_dict):
+        group = NeuronGroup(
+            20,
+            "dv/dt = (1.1 - v) / tau : 1",
+            threshold="v > 1",
+            reset="v = 0",
+            refractory=2 * ms,
+            method="exact",
+            namespace={"tau": traj.tau},
+        )
+        group.v = "rand()"
+        brian_list.append(group)
+        network_dict["group"] = group
+
+    def pre_build(self, traj, brian_list, network_dict):
+        if traj.mode != "none":
+            self._make(traj, brian_list, network_dict)
+
+    def build(self, traj, brian_list, network_dict):
+        # Seeded per run, as a one-process run would otherwise continue the last run's random stream.
+        brian2.seed(100 + traj.v_idx)
+        if traj.mode == "none":
+            self._make(traj, brian_list, network_dict)
+        # The coupling is explored, so it is built in every run.
+        coupling = Synapses(network_dict["group"], network_dict["group"], on_pre="v_post += w",
+                            namespace={"w": traj.w})
+        coupling.connect(p=0.3)
+        brian_list.append(coupling)
+
+
+class SpikeRecorder(NetworkAnalyser):
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "measure":
+            self.monitor = SpikeMonitor(network_dict["group"])
+            network.add(self.monitor)
+            traj.f_add_result("start.t", float(network.t / ms))
+            traj.f_add_result("start.v", np.array(network_dict["group"].v[:]))
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "measure":
+            traj.f_add_result(Brian2MonitorResult, "spikes", self.monitor)
+        elif current_subrun.v_name == "warmup":
+            network_dict["v_after_pre_run"] = np.array(network_dict["group"].v[:])
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "measure":
+            network.remove(self.monitor)
+
+
+class TwoPhaseRunner(NetworkRunner):
+    def add_parameters(self, traj):
+        traj.f_add_parameter(Brian2Parameter, "simulation.durations.measure", 30 * ms).v_annotations.order = 1
+        traj.f_add_parameter(Brian2Parameter, "simulation.pre_durations.warmup", 20 * ms).v_annotations.order = 0
+
+
+W_VALUES = [0.0, 0.05, 0.2]
+
+
+def run_experiment(tmp_path, mode, multiproc):
+    """Run the small exploration and return (trajectory loaded from the file, manager)."""
+    filename = str(tmp_path / f"{mode}_{multiproc}.hdf5")
+    extra = dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="QUEUE") if multiproc else {}
+    env = Environment(trajectory="exp", filename=filename, log_config=None, log_stdout=False,
+                      report_progress=False, add_time=False, **extra)
+    traj = env.trajectory
+    traj.f_add_parameter("mode", mode)
+    manager = NetworkManager(TwoPhaseRunner(report=None), [DrivenGroup()], [SpikeRecorder()])
+    manager.add_parameters(traj)
+    traj.f_explore({"w": W_VALUES})
+    brian2.seed(7)
+    if mode == "pre_build":
+        manager.pre_build(traj)
+    elif mode == "pre_run":
+        manager.pre_run_network(traj)
+    traj.f_store()
+    env.run(manager.run_network)
+    env.disable_logging()
+    back = load_trajectory(name="exp", filename=filename, load_data=2,
+                           dynamic_imports=[Brian2Parameter, Brian2MonitorResult])
+    return back, manager
+
+
+def spikes_per_run(traj):
+    out = []
+    for run_name in traj.f_get_run_names():
+        spikes = traj.f_get(f"results.runs.{run_name}.spikes")
+        out.append((np.asarray(spikes.t), np.asarray(spikes.i)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["none", "pre_build", "pre_run"])
+def test_one_process_equals_two_processes(tmp_path, mode):
+    """pypet.brian2 fails here in one process ('has already been simulated'); brian2pet must not."""
+    single, _ = run_experiment(tmp_path, mode, multiproc=False)
+    double, _ = run_experiment(tmp_path, mode, multiproc=True)
+    one, two = spikes_per_run(single), spikes_per_run(double)
+    assert len(one) == len(two) == len(W_VALUES)
+    for (t1, i1), (t2, i2) in zip(one, two):
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_array_equal(i1, i2)
+    counts = [len(t) for t, _ in one]
+    assert counts[0] < counts[2], counts  # the explored coupling really acts in every run
+
+
+def plain_brian2_reference(mode):
+    """The same experiment written by hand against Brian2: the numbers the framework must give."""
+    counts = []
+    brian2.seed(7)
+    group = NeuronGroup(20, "dv/dt = (1.1 - v) / tau : 1", threshold="v > 1", reset="v = 0",
+                        refractory=2 * ms, method="exact", namespace={"tau": 10 * ms})
+    group.v = "rand()"
+    network = brian2.Network(group)
+    if mode == "pre_run":
+        network.run(20 * ms)
+    network.store()
+    for index, w in enumerate(W_VALUES):
+        network.restore()
+        brian2.seed(100 + index)
+        coupling = Synapses(group, group, on_pre="v_post += w", namespace={"w": w})
+        coupling.connect(p=0.3)
+        monitor = SpikeMonitor(group)
+        network.add(coupling, monitor)
+        network.run(30 * ms)
+        counts.append(int(monitor.num_spikes))
+        network.remove(coupling, monitor)
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["pre_build", "pre_run"])
+def test_objects_built_per_run_are_simulated_after_pre_build_and_pre_run(tmp_path, mode):
+    """pypet.brian2 leaves build()'s objects out of the pre-run network; they must be simulated."""
+    traj, _ = run_experiment(tmp_path, mode, multiproc=False)
+    counts = [len(t) for t, _ in spikes_per_run(traj)]
+    assert counts == plain_brian2_reference(mode)
+
+
+def test_every_run_starts_from_the_pre_run_state(tmp_path):
+    traj, manager = run_experiment(tmp_path, "pre_run", multiproc=False)
+    v_after_pre_run = manager._network_dict["v_after_pre_run"]
+    for run_name in traj.f_get_run_names():
+        start = traj.f_get(f"results.runs.{run_name}.start")
+        assert start.t == pytest.approx(20.0)  # the pre-run's 20 ms, not 0 and not a later run's end
+        np.testing.assert_array_equal(start.v, v_after_pre_run)
+
+
+def test_objects_of_one_run_do_not_leak_into_the_next(tmp_path):
+    _, manager = run_experiment(tmp_path, "pre_build", multiproc=False)
+    # After the exploration the shared network holds exactly the pre-built objects again ...
+    assert set(manager._network.objects) == set(manager._brian_list)
+    # ... and neither the pre-built list nor dict gained anything from the runs.
+    assert len(manager._brian_list) == 1 and set(manager._network_dict) == {"group"}
