@@ -734,3 +734,17 @@ def test_objects_of_one_run_do_not_leak_into_the_next(tmp_path):
     assert set(manager._network.objects) == set(manager._brian_list)
     # ... and neither the pre-built list nor dict gained anything from the runs.
     assert len(manager._brian_list) == 1 and set(manager._network_dict) == {"group"}
+
+
+def test_readme_quick_start_runs(tmp_path, monkeypatch):
+    """The README's quick start is code a reader will paste: it must run as printed."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    code = readme.split("## Quick start", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "quickstart"}
+    exec(compile(code, "README.md quick start", "exec"), namespace)
+    namespace["env"].disable_logging()
+    back = load_trajectory(filename=str(tmp_path / "results" / "quickstart.hdf5"), index=-1,
+                           load_data=2, dynamic_imports=[Brian2Parameter, Brian2MonitorResult])
+    counts = [back.f_get(f"results.runs.{run}.spikes").num_spikes for run in back.f_get_run_names()]
+    assert len(counts) == 3 and counts[0] > counts[2] > 0  # a faster membrane fires more often
