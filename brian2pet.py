@@ -202,7 +202,10 @@ class Brian2Parameter(Parameter):
         # Two quantities are "the same type" when their dimensions agree: 5 ms and 2 second are,
         # 5 ms and 5 mV are not. A quantity and a plain number never are (unless unitless).
         if isinstance(val1, Quantity) or isinstance(val2, Quantity):
-            return have_same_dimensions(val1, val2)
+            try:
+                return have_same_dimensions(val1, val2)
+            except TypeError:  # the other value has no dimensions at all, e.g. a string
+                return False
         return super()._values_of_same_type(val1, val2)
 
     def _data_sanity_checks(self, explore_iterable):
@@ -212,11 +215,11 @@ class Brian2Parameter(Parameter):
         if isinstance(self._default, Quantity):
             unit = get_unit_fast(self._default)
             for value in values:
-                if not have_same_dimensions(value, self._default):
+                if not self._values_of_same_type(value, self._default):
                     raise TypeError(
-                        f"Cannot explore `{self.v_full_name}` with {value!r}: its dimensions "
-                        f"({get_dimensions(value)}) differ from the default {self._default!r} "
-                        f"({get_dimensions(unit)}). Give every explored value in units of {unit!r}."
+                        f"Cannot explore `{self.v_full_name}` with {value!r}: it does not have the "
+                        f"dimensions of the default {self._default!r}. Give every explored value "
+                        f"in units of {unit!r}."
                     )
         return super()._data_sanity_checks(values)
 
@@ -541,6 +544,8 @@ class NetworkRunner(NetworkComponent):
             self.add_to_network(*arguments)
 
             # Step 2, run: simulate for the duration held by the current subrun.
+            # (Brian2 looks up names that a model's namespace lacks in the frame calling run(),
+            # which is this one, never the user's script: components pass constants by namespace=.)
             duration = current_subrun.f_get()
             self._logger.info(
                 f"Subrun `{current_subrun.v_name}` (#{subrun_number}) for {duration}"

@@ -748,3 +748,10 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
                            load_data=2, dynamic_imports=[Brian2Parameter, Brian2MonitorResult])
     counts = [back.f_get(f"results.runs.{run}.spikes").num_spikes for run in back.f_get_run_names()]
     assert len(counts) == 3 and counts[0] > counts[2] > 0  # a faster membrane fires more often
+
+
+def test_parameter_explore_refuses_text_for_a_quantity(tmp_path):
+    traj = new_trajectory(tmp_path)
+    traj.f_add_parameter(Brian2Parameter, "tau", 5 * ms)
+    with pytest.raises(TypeError, match="tau"):
+        traj.f_explore({"tau": [1 * ms, "fast"]})
