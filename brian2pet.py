@@ -319,6 +319,12 @@ class Brian2Result(Result):
                     self._data[name] = Quantity(value, dim=dimensions, copy=False)
 
 
+def _copy_of(recorded):
+    """A copy, keeping the unit: a monitor's t, i, rate, ... are views of Brian2's growing buffers,
+    which a monitor that records on may reallocate under a result that only held the view."""
+    return recorded[:].copy()
+
+
 class Brian2MonitorResult(Brian2Result):
     """A Brian2Result that copies the data out of one Brian2 monitor (never the monitor itself).
 
@@ -382,25 +388,25 @@ class Brian2MonitorResult(Brian2Result):
         self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
         self.f_set(**{count_name: int(monitor.num_events)})
         if monitor.record:
-            # [:] copies out of Brian2's dynamic arrays, which the monitor may still grow.
-            self.f_set(t=monitor.t[:], i=np.asarray(monitor.i[:]))
+            self.f_set(t=_copy_of(monitor.t), i=_copy_of(monitor.i))
         # t and i are always recorded; record_variables lists the extra ones, if any.
         extra = sorted(set(monitor.record_variables) - {"t", "i"})
         if extra:
             self.f_set(record_variables=extra)
             for variable in extra:
-                self.f_set(**{variable: getattr(monitor, variable)[:]})
+                self.f_set(**{variable: _copy_of(getattr(monitor, variable))})
 
     def _extract_state_monitor(self, monitor):
         self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
         self.f_set(record=np.asarray(monitor.record), record_variables=list(monitor.record_variables))
-        self.f_set(t=monitor.t[:])
+        self.f_set(t=_copy_of(monitor.t))
         for variable in monitor.record_variables:
-            self.f_set(**{variable: getattr(monitor, variable).copy()})
+            # Brian2 already hands out a (neurons x steps) copy of a recorded variable.
+            self.f_set(**{variable: getattr(monitor, variable)})
 
     def _extract_population_rate_monitor(self, monitor):
         self.f_set(name=monitor.name, source=monitor.source.name)
-        self.f_set(t=monitor.t[:], rate=monitor.rate[:])
+        self.f_set(t=_copy_of(monitor.t), rate=_copy_of(monitor.rate))
 
     def _store(self):
         store_dict = super()._store()

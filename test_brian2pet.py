@@ -755,3 +755,18 @@ def test_parameter_explore_refuses_text_for_a_quantity(tmp_path):
     traj.f_add_parameter(Brian2Parameter, "tau", 5 * ms)
     with pytest.raises(TypeError, match="tau"):
         traj.f_explore({"tau": [1 * ms, "fast"]})
+
+
+def test_monitor_result_keeps_a_copy_while_the_monitor_records_on(tmp_path):
+    group = NeuronGroup(5, "dv/dt = (1.2 - v) / (5*ms) : 1", threshold="v > 1", reset="v = 0",
+                        method="exact")
+    spikes, state = SpikeMonitor(group), StateMonitor(group, "v", record=True)
+    network = brian2.Network(group, spikes, state)
+    network.run(10 * ms)
+    traj = new_trajectory(tmp_path)
+    spike_result = traj.f_add_result(Brian2MonitorResult, "spikes", spikes)
+    state_result = traj.f_add_result(Brian2MonitorResult, "state", state)
+    t_then, steps_then = np.array(spikes.t[:]), len(state.t)
+    network.run(200 * ms)  # buffers grow far beyond their first size
+    np.testing.assert_array_equal(np.asarray(spike_result.t), t_then)
+    assert len(state_result.t) == state_result.v.shape[1] == steps_then
