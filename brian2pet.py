@@ -691,6 +691,19 @@ class NetworkManager(HasLogger):
         self._network, self._state_name = network, state_name
         self._pre_built_objects = set(network.objects)
 
+    def __getstate__(self):
+        # pypet pickles the run function, and with it this manager, for resumable explorations and
+        # for SCOOP workers. Brian2 objects do not survive pickling, so a copy travels without what
+        # pre_build and the pre-run made: it is a manager that was never pre-built, and builds each
+        # run from build() alone. A component that pre-builds should then build in build() what
+        # network_dict lacks (clustered_network.py's CNNeuronGroup does).
+        state = dict(super().__getstate__())
+        state.update(
+            _brian_list=[], _network_dict={}, _pre_built=False, _pre_run=False, _network=None,
+            _pre_built_objects=set(),
+        )
+        return state
+
     def _log_explored_values(self, traj):
         explored = traj.f_get_explored_parameters(copy=False)
         values = ", ".join(f"{p.v_full_name} = {p.f_val_to_str()}" for p in explored.values())

@@ -770,3 +770,22 @@ def test_monitor_result_keeps_a_copy_while_the_monitor_records_on(tmp_path):
     network.run(200 * ms)  # buffers grow far beyond their first size
     np.testing.assert_array_equal(np.asarray(spike_result.t), t_then)
     assert len(state_result.t) == state_result.v.shape[1] == steps_then
+
+
+def test_a_pickled_manager_travels_without_brian2_objects():
+    """pypet pickles the run function for resumable runs and SCOOP; Brian2 objects cannot go along."""
+    import pickle
+
+    log = []
+    manager = spy_manager(log, group_in="pre_build")
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    manager.pre_build(traj)
+    manager.run_network(traj)  # the original now holds a network of its pre-built group
+    copy = pickle.loads(pickle.dumps(manager))
+    assert copy._brian_list == [] and copy._network is None and manager._network is not None
+    copy.components[0].makes_group = "build"  # the copy's components build everything per run
+    copy.run_network(traj)
+    assert subruns_seen(copy.analysers[0].log) == ["first", "first"]  # its own log, copied
+    manager.run_network(traj)  # the original is untouched by the pickling
+    assert subruns_seen(log) == ["first", "first"]
