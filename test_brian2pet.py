@@ -7,6 +7,9 @@ Sections follow the module: units, containers, drop-in names, runner, manager.
 import inspect
 import logging
 import os
+import signal
+import subprocess
+import sys
 
 import brian2
 import numpy as np
@@ -29,6 +32,7 @@ from brian2 import (
 from pypet import Environment, Result, Trajectory, load_trajectory
 
 import brian2pet
+import clustered_network as cn
 from brian2pet import (
     Brian2MonitorResult,
     Brian2Parameter,
@@ -278,7 +282,7 @@ def test_monitor_result_refuses_other_brian_objects(tmp_path):
 
 
 # Files written by either implementation load with the other's classes.
-pypet_brian2 = pytest.importorskip("pypet.brian2.parameter")
+import pypet.brian2.parameter as pypet_brian2  # noqa: E402  (pypet ships it)
 
 
 @pytest.mark.parametrize("writer,reader", [(brian2pet, pypet_brian2), (pypet_brian2, brian2pet)])
@@ -789,3 +793,340 @@ def test_a_pickled_manager_travels_without_brian2_objects():
     assert subruns_seen(copy.analysers[0].log) == ["first", "first"]  # its own log, copied
     manager.run_network(traj)  # the original is untouched by the pickling
     assert subruns_seen(log) == ["first", "first"]
+
+
+# -------------------------------------------------------------------------------------------------
+# The example, clustered_network.py, on a tiny network (numpy target, short runs).
+# One tiny sweep is simulated once per session (fixture ``reference``); the tests for several
+# processes, SCOOP and resume simulate the same sweep their way and must store exactly its numbers.
+# -------------------------------------------------------------------------------------------------
+
+# The connectivity test builds objects that it never simulates; Brian2 would warn at exit.
+cn.BrianLogger.suppress_name("unused_brian_object")
+SCRIPT = os.path.join(HERE, "clustered_network.py")
+# 400 E / 100 I neurons (5 clusters), three runs of 0.4 s simulated each.
+TINY = ["--scale", "0.1", "--r-ee", "1.0", "2.5", "3.0", "--initial", "0.1", "--measure", "0.3",
+        "--seed", "3", "--target", "numpy"]
+R_TINY = [1.0, 2.5, 3.0]
+
+
+def run_script(*args, timeout=300, **kwargs):
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+        cwd=HERE, **kwargs,
+    )
+
+
+def stored_numbers(filename):
+    """Every result item of every run, by full name: what must not change between ways of running."""
+    traj = cn.load_sweep(filename)
+    numbers = {}
+    for result in traj.f_iter_leaves():
+        if not result.v_full_name.startswith("results."):
+            continue
+        for key, value in result.f_to_dict().items():
+            numbers[f"{result.v_full_name}.{key}"] = value
+    return numbers
+
+
+def assert_same_numbers(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        other = actual[name]
+        if isinstance(value, (str, bytes, list, tuple)) or value is None:
+            assert other == value, name
+        else:
+            assert type(other) is type(value), name
+            np.testing.assert_array_equal(np.asarray(other), np.asarray(value), err_msg=name)
+            if hasattr(value, "dim"):
+                assert other.dim == value.dim, name
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The tiny sweep in one process, with figures: (folder, completed process)."""
+    folder = tmp_path_factory.mktemp("reference")
+    done = run_script(*TINY, "--out", str(folder))
+    assert done.returncode == 0, done.stderr
+    return folder, done
+
+
+@pytest.fixture(scope="session")
+def reference_numbers(reference):
+    return stored_numbers(str(reference[0] / cn.HDF5_NAME))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fano_factor_against_hand_counts():
+    # Three neurons over [0, 0.4) s. Counts in 100 ms windows:
+    #   neuron 0: [1, 2, 0, 1] -> mean 1, sample variance 2/3 -> FF 2/3
+    #   neuron 1: silent -> left out
+    #   neuron 2: [1, 1, 1, 1] -> FF 0
+    # In 200 ms windows: neuron 0 [3, 1] -> mean 2, variance 2 -> FF 1; neuron 2 [2, 2] -> 0.
+    # The spike at 0.4 s is outside; the one at 0.2 s lies on a border and counts for the later
+    # window. 400 ms: a single window, no variance -> NaN.
+    spike_t = np.array([0.05, 0.15, 0.16, 0.35, 0.4, 0.01, 0.11, 0.2, 0.39])
+    spike_i = np.array([0, 0, 0, 0, 0, 2, 2, 2, 2])
+    ff = cn.fano_factor(spike_t, spike_i, 3, 0.0, 0.4, [0.1, 0.2, 0.4])
+    np.testing.assert_allclose(ff[:2], [(2 / 3 + 0) / 2, (1 + 0) / 2])
+    assert np.isnan(ff[2])
+
+
+def test_fano_factor_takes_quantities_and_an_offset():
+    from brian2 import ms, second
+
+    spike_t = (np.array([0.05, 0.15, 0.16, 0.35]) + 1.0) * second
+    ff = cn.fano_factor(spike_t, np.zeros(4, int), 1, 1 * second, 1.4 * second, [100 * ms])
+    np.testing.assert_allclose(ff, [2 / 3])
+
+
+def test_cluster_labels_and_probabilities():
+    np.testing.assert_array_equal(cn.cluster_labels(200, 80), [0] * 80 + [1] * 80 + [2] * 40)
+    p_in, p_out = cn.cluster_probabilities(2.5, 4000, 80, 0.2)
+    assert p_in == pytest.approx(2.5 * p_out)
+    # The mean in-degree stays K = 0.2 * N_e whatever R_ee.
+    assert 80 * p_in + (4000 - 80) * p_out == pytest.approx(800)
+    assert cn.cluster_probabilities(1.0, 4000, 80, 0.2) == pytest.approx((0.2, 0.2))
+
+
+def test_weights_are_the_papers():
+    from brian2 import ms
+
+    weights = cn.synaptic_weights(4000, 0.2, 15 * ms, 10 * ms)
+    sqrt_k = np.sqrt(800)
+    assert weights["J_ee"] == pytest.approx(10 / (15 * sqrt_k))
+    assert weights["J_ie"] == pytest.approx(4 / (10 * sqrt_k))
+    assert weights["J_ei"] == pytest.approx(16 * 1.2 / (15 * sqrt_k))
+    assert weights["J_ii"] == pytest.approx(16 / (10 * sqrt_k))
+
+
+def test_connectivity_statistics_at_small_scale():
+    from brian2 import ms
+    from pypet import Trajectory
+
+    scale, r_ee = 0.2, 2.5
+    traj = Trajectory("connectivity", add_time=False)
+    traj.f_add_parameter("simulation.scale", scale)
+    traj.f_add_parameter("simulation.seed", 5)
+    traj.f_add_parameter("simulation.codegen_target", "numpy")
+    traj.f_add_parameter(cn.Brian2Parameter, "simulation.dt", 0.1 * ms)
+    neurons, connections = cn.CNNeuronGroup(), cn.CNConnections()
+    neurons.add_parameters(traj)
+    connections.add_parameters(traj)
+    traj.f_explore({"R_ee": [r_ee]})
+    traj.v_idx = 0
+    brian_list, network_dict = [], {}
+    neurons.build(traj, brian_list, network_dict)
+    connections.build(traj, brian_list, network_dict)
+
+    n_e, n_i, size = 800, 200, 80
+    from_e, from_i = network_dict["connections"]
+    pre, post = np.asarray(from_e.i[:]), np.asarray(from_e.j[:])
+    weight = np.asarray(from_e.w[:])
+    to_e = post < n_e
+    same = to_e & (pre // size == post // size)
+    between = to_e & ~same
+    p_in, p_out = cn.cluster_probabilities(r_ee, n_e, size, 0.2)
+    pairs_in = (n_e // size) * size * (size - 1)  # no autapses
+    pairs_between = n_e * n_e - (n_e // size) * size * size
+
+    def assert_binomial(count, pairs, p):
+        assert abs(count - pairs * p) < 5 * np.sqrt(pairs * p * (1 - p)), (count, pairs * p)
+
+    assert_binomial(same.sum(), pairs_in, p_in)
+    assert_binomial(between.sum(), pairs_between, p_out)
+    assert_binomial((~to_e).sum(), n_e * n_i, 0.5)
+    assert not np.any(to_e & (pre == post))
+    # Mean E to E in-degree K = 0.2 * N_e.
+    assert to_e.sum() / n_e == pytest.approx(0.2 * n_e, rel=0.02)
+
+    j = traj.parameters.connections
+    np.testing.assert_allclose(weight[same], 1.9 * j.J_ee)
+    np.testing.assert_allclose(weight[between], j.J_ee)
+    np.testing.assert_allclose(weight[~to_e], j.J_ie)
+
+    pre_i, post_i = np.asarray(from_i.i[:]), np.asarray(from_i.j[:])
+    i_to_e = post_i < n_e
+    assert_binomial(i_to_e.sum(), n_i * n_e, 0.5)
+    assert_binomial((~i_to_e).sum(), n_i * (n_i - 1), 0.5)
+    assert not np.any(post_i == pre_i + n_e)
+    np.testing.assert_allclose(np.asarray(from_i.w[:])[i_to_e], j.J_ei)
+    np.testing.assert_allclose(np.asarray(from_i.w[:])[~i_to_e], j.J_ii)
+
+
+# --------------------------------------------------------------------------------------------------
+# The example end to end
+# --------------------------------------------------------------------------------------------------
+
+
+def test_example_end_to_end(reference):
+    folder, done = reference
+    filename = folder / cn.HDF5_NAME
+    assert f"HDF5 file: {filename}" in done.stdout
+    figures = [line.split("figure: ", 1)[1] for line in done.stdout.splitlines()
+               if line.startswith("figure: ")]
+    assert sorted(os.path.basename(f) for f in figures) == sorted([
+        "raster_R_ee_1.00.png", "traces_R_ee_1.00.png", "raster_R_ee_2.50.png",
+        "traces_R_ee_2.50.png", "fano_vs_window.png", "fano_and_rates_vs_R_ee.png",
+    ])
+    for figure in figures:
+        assert os.path.dirname(figure) == str(folder)
+        with open(figure, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    for r in R_TINY:
+        assert f"R_ee = {r}" in done.stdout
+
+    traj = cn.load_sweep(str(filename))
+    rows = cn.sweep_rows(traj)
+    assert [row["R_ee"] for row in rows] == R_TINY
+    for row in rows:
+        run = row["run"]
+        assert isinstance(run.f_get("monitors.spikes_e"), cn.Brian2MonitorResult)
+        spikes = run.f_get("monitors.spikes_e")
+        assert len(spikes.t) == len(spikes.i) > 0
+        assert np.all(np.asarray(spikes.i) < 400)
+        for variable in ("V", "I_syn_e", "I_syn_i"):
+            trace = run.f_get(f"monitors.{variable}")
+            assert isinstance(trace, cn.Brian2MonitorResult)
+            assert getattr(trace, variable).shape[0] == 4
+        rates = run.f_get("statistics.rates")
+        assert isinstance(rates, cn.Brian2Result)
+        assert float(rates.e / cn.second ** -1) > 0 and float(rates.i / cn.second ** -1) > 0
+        fano = run.f_get("statistics.fano_factor")
+        assert isinstance(fano, cn.Brian2Result)
+        np.testing.assert_allclose(np.asarray(fano.window / cn.second), [0.1, 0.25, 0.5, 1.0])
+        assert fano.ff.dtype == float and fano.ff.shape == (4,)
+        # 0.3 s measured: three 100 ms windows, too few for longer ones.
+        assert np.isfinite(fano.ff[0]) and np.all(np.isnan(fano.ff[1:]))
+        assert run.f_get("statistics.mean_fano_factor").f_get() == pytest.approx(fano.ff[0])
+        assert row["rate_e"] > 0
+
+
+def test_replot_redraws_every_figure_without_simulating(reference, tmp_path):
+    folder, _ = reference
+    copy = tmp_path / "copy.hdf5"
+    copy.write_bytes((folder / cn.HDF5_NAME).read_bytes())
+    done = run_script("--replot", str(copy))
+    assert done.returncode == 0, done.stderr
+    assert "started" not in done.stdout  # nothing simulated
+    pictures = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pictures == sorted(p.name for p in folder.glob("*.png"))
+    assert "R_ee" in done.stdout and "FF 100ms" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input, failing runs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--scale", "-1"], "must be positive"),
+    (["--r-ee"], "at least one value"),
+    (["--replot", "/nonexistent/file.hdf5"], "no such file"),
+])
+def test_bad_input_exits_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cn.parse_args(argv)
+    assert stop.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_replot_of_a_foreign_file(tmp_path, capsys):
+    import tables
+
+    text = tmp_path / "notes.hdf5"
+    text.write_text("not HDF5")
+    other = tmp_path / "other.hdf5"
+    with tables.open_file(str(other), "w") as h5:
+        h5.create_array("/", "numbers", np.arange(3))
+    for path, message in ((text, "not an HDF5 file"), (other, "holds no")):
+        with pytest.raises(SystemExit) as stop:
+            cn.parse_args(["--replot", str(path)])
+        assert stop.value.code != 0
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+def test_bad_flag_from_the_command_line_simulates_nothing(tmp_path):
+    done = run_script("--scale", "0", "--out", str(tmp_path / "out"))
+    assert done.returncode != 0
+    assert done.stderr.strip().count("\n") == 0 and "must be positive" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ncores", ["1", "2"])
+def test_failing_run_names_index_and_values_and_keeps_finished_runs(tmp_path, ncores):
+    out = tmp_path / "out"
+    done = run_script("--scale", "0.1", "--r-ee", "1.0", "2.5", "--initial", "0.05", "--measure",
+                      "0.1", "--target", "numpy", "--no-plots", "--fail-run", "1", "--ncores",
+                      ncores, "--out", str(out))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-2]
+    assert last.startswith("clustered_network.py: error: run 1 (R_ee = 2.5)")
+    rows = cn.sweep_rows(cn.load_sweep(str(out / cn.HDF5_NAME)))
+    assert [row["idx"] for row in rows] == [0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes, SCOOP, resume: the same numbers as one process
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_cores_store_the_same_numbers_as_one(reference_numbers, tmp_path):
+    done = run_script(*TINY, "--ncores", "2", "--no-plots", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert_same_numbers(stored_numbers(str(tmp_path / cn.HDF5_NAME)), reference_numbers)
+
+
+def test_scoop_stores_the_same_numbers_as_one_process(reference_numbers, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "scoop", "-n", "2", SCRIPT, *TINY, "--scoop", "--no-plots",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=HERE,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_numbers(stored_numbers(str(tmp_path / cn.HDF5_NAME)), reference_numbers)
+
+
+def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_path):
+    # The reference's sweep, killed (whole process group) once its first run is stored: in one
+    # process pypet stores a run (and its resume counter) before the next run starts and says so.
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *TINY, "--no-plots", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE,
+        start_new_session=True,
+    )
+    for line in process.stdout:  # blocks until the script prints; ends if the script exits
+        if line.startswith(f"run 2/{len(R_TINY)} started"):
+            break
+    assert process.poll() is None, "the sweep ended before it could be killed"
+    resume_files = tmp_path / "resume" / cn.TRAJECTORY_NAME
+    assert list(resume_files.glob("*.rcnt")), "no run was stored before the second started"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    done = run_script("--resume", "--no-plots", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    numbers = stored_numbers(str(tmp_path / cn.HDF5_NAME))
+    assert_same_numbers(numbers, reference_numbers)
+    traj = cn.load_sweep(str(tmp_path / cn.HDF5_NAME))
+    assert [row["idx"] for row in cn.sweep_rows(traj)] == [0, 1, 2]
+    assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
+
+
+def test_resume_refuses_while_the_sweep_is_alive(tmp_path):
+    import fcntl
+
+    # A live sweep holds the lock (as its forked workers would after the parent was killed).
+    tmp_path.joinpath("sweep.lock").write_text("")
+    with open(tmp_path / "sweep.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        done = run_script("--resume", "--out", str(tmp_path))
+    assert done.returncode != 0
+    assert "still running" in done.stderr

@@ -1,0 +1,1051 @@
+"""The clustered balanced network of Litwin-Kumar & Doiron (2012), explored over R_ee with brian2pet.
+
+Reproduces the main finding of
+
+    A. Litwin-Kumar and B. Doiron, "Slow dynamics and high variability in balanced cortical
+    networks with clustered connections", Nature Neuroscience 15, 1498-1505 (2012):
+
+4000 excitatory (E) and 1000 inhibitory (I) integrate-and-fire neurons, with E neurons grouped into
+clusters of 80 that connect R_ee times more densely within than between clusters. In the uniform
+network (R_ee = 1) spike counts are less variable than Poisson: the Fano factor (FF) stays below 1
+and falls with the counting window. With clusters (R_ee around 2.5) clusters switch slowly between
+high and low activity, so the FF rises above 1 and grows with the window. Above R_ee of about 3 a
+few clusters lock into high activity and the FF collapses again.
+
+Run ``python clustered_network.py --help`` for the options. The default sweep (scale 1.0, R_ee from
+1.0 to 3.5, 10 s measured per run) writes ``results/clustered_network.hdf5`` and PNG figures beside
+it, and prints a table of rates and Fano factors. ``--ncores N`` runs the sweep in N processes,
+``python -m scoop -n N clustered_network.py --scoop`` on several hosts, ``--resume`` continues a
+sweep that was killed, and ``--replot FILE`` redraws the figures from a stored file.
+
+Speed: the objects that run every time step use Brian2's cython target when a C compiler works
+(``--target auto``, compiled once into Brian2's cache), numpy otherwise (about three times slower
+per run). Code that runs once, such as drawing the synapses, always uses numpy, so the network of a
+run is the same for every target.
+
+The file reads top to bottom as the brian2pet documentation's main script does (spec 7.3):
+parameters and model helpers, components (neurons, connections), the runner, analysers (monitors,
+Fano factor), reading a stored sweep back, figures, and ``main()``.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import gc
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from brian2 import (
+    BrianLogger,
+    NeuronGroup,
+    Quantity,
+    SpikeMonitor,
+    StateMonitor,
+    Subgroup,
+    Synapses,
+    defaultclock,
+    ms,
+    prefs,
+    second,
+)
+from brian2 import seed as brian2_seed
+
+from brian2pet import (
+    Brian2MonitorResult,
+    Brian2Parameter,
+    Brian2Result,
+    NetworkAnalyser,
+    NetworkComponent,
+    NetworkManager,
+    NetworkRunner,
+)
+
+TRAJECTORY_NAME = "clustered_network"
+HDF5_NAME = "clustered_network.hdf5"
+DEFAULT_R_EE = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+FANO_WINDOWS_MS = (100, 250, 500, 1000)
+CLUSTER_SIZE = 80  # E neurons per cluster
+P_EE = 0.2  # mean E to E connection probability: K = P_EE * N_e inputs
+
+# Dimensionless membrane potential V: threshold 1, reset 0. Each source type drives a difference of
+# two exponentials (rise 1 ms; decay 3 ms for E, 2 ms for I) whose integral equals the weight, so a
+# weight is the total jump it gives to V. Inhibitory weights enter with a minus sign (see on_pre).
+# Constants are names, filled from `namespace=`, so that one code object serves every parameter value.
+NEURON_EQUATIONS = """
+dV/dt = (mu - V)/tau + I_syn_e + I_syn_i : 1 (unless refractory)
+I_syn_e = (x_e_decay - x_e_rise)/(tau_decay_e - tau_rise) : Hz
+I_syn_i = (x_i_decay - x_i_rise)/(tau_decay_i - tau_rise) : Hz
+dx_e_rise/dt = -x_e_rise/tau_rise : 1
+dx_e_decay/dt = -x_e_decay/tau_decay_e : 1
+dx_i_rise/dt = -x_i_rise/tau_rise : 1
+dx_i_decay/dt = -x_i_decay/tau_decay_i : 1
+mu : 1 (constant)
+tau : second (constant)
+cluster : integer (constant)
+spike_count : integer
+"""
+# Counting spikes in the reset gives both populations' rates for free; a second SpikeMonitor (for I)
+# would cost about a tenth of the simulation time.
+RESET = "V = V_reset\nspike_count += 1"
+
+# One Synapses object per source type. Probability and weight depend on the target's type (cluster -1
+# marks an I neuron) and, for E to E, on whether both neurons share a cluster.
+SAME = "int(cluster_pre == cluster_post)"
+TO_I = "int(cluster_post < 0)"
+E_SOURCE_P = f"{TO_I}*p_ie + (1 - {TO_I})*({SAME}*p_in + (1 - {SAME})*p_out)"
+E_SOURCE_W = f"{TO_I}*J_ie + (1 - {TO_I})*({SAME}*J_in + (1 - {SAME})*J_out)"
+I_SOURCE_P = f"{TO_I}*p_ii + (1 - {TO_I})*p_ei"
+I_SOURCE_W = f"{TO_I}*J_ii + (1 - {TO_I})*J_ei"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model helpers: small pure functions, so that tests can check them without simulating
+# ---------------------------------------------------------------------------------------------------
+
+
+def cluster_labels(n_e, cluster_size):
+    """Cluster index of each E neuron: clusters are runs of ``cluster_size`` consecutive indices."""
+    return np.arange(n_e) // cluster_size
+
+
+def cluster_probabilities(R_ee, n_e, cluster_size, p_ee):
+    """E to E connection probabilities ``(p_in, p_out)`` within and between clusters.
+
+    Chosen so that an E neuron keeps K = p_ee * n_e inputs on average whatever R_ee: p_in = R_ee *
+    p_out and cluster_size * p_in + (n_e - cluster_size) * p_out = K.
+    """
+    p_out = p_ee * n_e / (cluster_size * (R_ee - 1) + n_e)
+    return R_ee * p_out, p_out
+
+
+def synaptic_weights(n_e, p_ee, tau_e, tau_i):
+    """Weights J_ee (E to E between clusters), J_ie (E to I), J_ei (I to E), J_ii, as magnitudes.
+
+    Scaled by 1/sqrt(K) (K = p_ee * n_e, the mean E to E in-degree) as in the balanced network, and
+    by the target's membrane time constant in ms, as in the paper's methods.
+    """
+    sqrt_k = np.sqrt(p_ee * n_e)
+    tau_e_ms, tau_i_ms = float(tau_e / ms), float(tau_i / ms)
+    return {
+        "J_ee": 10.0 / (tau_e_ms * sqrt_k),
+        "J_ie": 4.0 / (tau_i_ms * sqrt_k),
+        "J_ei": 16.0 * 1.2 / (tau_e_ms * sqrt_k),
+        "J_ii": 16.0 / (tau_i_ms * sqrt_k),
+    }
+
+
+def stream_seed(seed, *keys):
+    """An integer seed for one random stream, e.g. (seed, run index); independent of process count."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def codegen_target(target):
+    """Create Brian2 code objects with ``target`` inside the block.
+
+    Code that runs once (drawing synapses, setting weights) gains nothing from cython but would
+    cost seconds of compilation per object; numpy also draws the same synapses for every target.
+    The objects that run every time step are made later, at the first run, with the chosen target.
+    """
+    previous = prefs.codegen.target
+    prefs.codegen.target = target
+    try:
+        yield
+    finally:
+        prefs.codegen.target = previous
+
+
+def release_freed_memory():
+    """Collect the previous run's objects and hand their freed memory back to the system.
+
+    The spike queues of a run's synapses are thousands of small C++ allocations; freed, glibc keeps
+    them in the process, so a second run would raise the peak by about 200 MB at scale 1.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def explored_in(traj, group_name):
+    """True if any explored parameter lives in the parameter group ``group_name``."""
+    prefix = f"parameters.{group_name}."
+    return any(name.startswith(prefix) for name in traj.f_get_explored_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------------
+
+
+class CNNeuronGroup(NetworkComponent):
+    """All 5000 neurons in ONE NeuronGroup, E = the first N_e, I = the rest.
+
+    One group instead of two halves the per-step work of state update, threshold and reset, which
+    with the numpy target is most of the simulation time. Pre-built when no ``model`` parameter is
+    explored. Initial values come from a generator seeded only by ``simulation.seed``, so a network
+    built per run (SCOOP, resume) starts exactly like the pre-built one.
+
+    network_dict:
+        Adds 'neurons' (the group), 'neurons_e', 'neurons_i' (its subgroups).
+    """
+
+    def add_parameters(self, traj):
+        scale = traj.simulation.scale
+        traj.v_standard_parameter = Brian2Parameter
+        traj.f_add_parameter("model.eqs", NEURON_EQUATIONS, comment="Neuron and synapse equations")
+        traj.f_add_parameter("model.N_e", int(4000 * scale), comment="Excitatory neurons")
+        traj.f_add_parameter("model.N_i", int(1000 * scale), comment="Inhibitory neurons")
+        traj.f_add_parameter("model.tau_e", 15 * ms, comment="Membrane time constant, E")
+        traj.f_add_parameter("model.tau_i", 10 * ms, comment="Membrane time constant, I")
+        traj.f_add_parameter("model.mu_e_min", 1.1, comment="Lower bound of the E bias")
+        traj.f_add_parameter("model.mu_e_max", 1.2, comment="Upper bound of the E bias")
+        traj.f_add_parameter("model.mu_i_min", 1.0, comment="Lower bound of the I bias")
+        traj.f_add_parameter("model.mu_i_max", 1.05, comment="Upper bound of the I bias")
+        traj.f_add_parameter("model.V_th", 1.0, comment="Spike when V exceeds this")
+        traj.f_add_parameter("model.V_reset", 0.0, comment="V after a spike")
+        traj.f_add_parameter("model.refractory", 5 * ms, comment="Absolute refractory period")
+        traj.f_add_parameter("model.synaptic.tau_rise", 1 * ms, comment="Synaptic rise, E and I")
+        traj.f_add_parameter("model.synaptic.tau_decay_e", 3 * ms, comment="Synaptic decay, E")
+        traj.f_add_parameter("model.synaptic.tau_decay_i", 2 * ms, comment="Synaptic decay, I")
+
+    def pre_build(self, traj, brian_list, network_dict):
+        if not explored_in(traj, "model"):
+            self._build(traj, brian_list, network_dict)
+
+    def build(self, traj, brian_list, network_dict):
+        # Asking the dict rather than remembering a flag keeps this right for a manager that was
+        # pickled without its pre-built objects (SCOOP, resume).
+        if "neurons" not in network_dict:
+            self._build(traj, brian_list, network_dict)
+
+    @staticmethod
+    def _build(traj, brian_list, network_dict):
+        # Set here, not in main(): SCOOP workers and resumed runs never execute main().
+        prefs.codegen.target = traj.simulation.codegen_target
+        defaultclock.dt = traj.simulation.dt
+
+        model = traj.parameters.model
+        n_e, n_i = model.N_e, model.N_i
+        namespace = {
+            "V_th": model.V_th,
+            "V_reset": model.V_reset,
+            "t_ref": model.refractory,
+            "tau_rise": model.synaptic.tau_rise,
+            "tau_decay_e": model.synaptic.tau_decay_e,
+            "tau_decay_i": model.synaptic.tau_decay_i,
+        }
+        neurons = NeuronGroup(
+            n_e + n_i,
+            model.eqs,
+            threshold="V > V_th",
+            reset=RESET,
+            refractory="t_ref",
+            method="euler",
+            namespace=namespace,
+            name="neurons",
+        )
+        rng = np.random.default_rng(stream_seed(traj.simulation.seed, 0))
+        neurons.tau[:n_e] = model.tau_e
+        neurons.tau[n_e:] = model.tau_i
+        neurons.mu[:n_e] = rng.uniform(model.mu_e_min, model.mu_e_max, n_e)
+        neurons.mu[n_e:] = rng.uniform(model.mu_i_min, model.mu_i_max, n_i)
+        neurons.V = rng.uniform(0.0, 1.0, n_e + n_i)
+        neurons.cluster[:n_e] = cluster_labels(n_e, traj.parameters.connections.cluster_size)
+        neurons.cluster[n_e:] = -1
+
+        brian_list.append(neurons)
+        # Named subgroups: Brian2 would number them per process, and the names go into the results.
+        network_dict.update(
+            neurons=neurons,
+            neurons_e=Subgroup(neurons, 0, n_e, name="neurons_e"),
+            neurons_i=Subgroup(neurons, n_e, n_e + n_i, name="neurons_i"),
+        )
+
+
+class CNConnections(NetworkComponent):
+    """Two Synapses objects, one from all E neurons and one from all I neurons, to every neuron.
+
+    E to E is part of the first: its probability (p_in or p_out) and weight (J_in or J_out) follow
+    from the neurons' cluster labels, so clustering costs no extra objects (one object per cluster
+    pair would cost minutes of compilation with the cython target). Built per run when a
+    ``connections`` parameter such as R_ee is explored, pre-built otherwise. The random draws are
+    seeded from ``simulation.seed`` and the run index, so a run gives the same network in any
+    process.
+
+    ``fail_run``: for tests only, raise in the run with this index.
+
+    network_dict:
+        Expects 'neurons_e', 'neurons_i', 'neurons'. Adds 'connections' (list of both Synapses).
+    """
+
+    def __init__(self, fail_run=None):
+        self.fail_run = fail_run
+
+    def add_parameters(self, traj):
+        model = traj.parameters.model
+        traj.v_standard_parameter = Brian2Parameter
+        traj.f_add_parameter("connections.R_ee", 1.0, comment="Clustering ratio p_in / p_out")
+        traj.f_add_parameter(
+            "connections.cluster_size", CLUSTER_SIZE, comment="E neurons per cluster"
+        )
+        traj.f_add_parameter("connections.p_ee", P_EE, comment="Mean E to E probability (K/N_e)")
+        traj.f_add_parameter("connections.p_ie", 0.5, comment="E to I probability")
+        traj.f_add_parameter("connections.p_ei", 0.5, comment="I to E probability")
+        traj.f_add_parameter("connections.p_ii", 0.5, comment="I to I probability")
+        traj.f_add_parameter(
+            "connections.strength_factor", 1.9, comment="J_in / J_out when R_ee > 1"
+        )
+        p_ee = traj.parameters.connections.p_ee
+        weights = synaptic_weights(model.N_e, p_ee, model.tau_e, model.tau_i)
+        for name, value in weights.items():
+            traj.f_add_parameter(f"connections.{name}", value, comment=f"Weight {name} (magnitude)")
+
+    def pre_build(self, traj, brian_list, network_dict):
+        if "neurons" in network_dict and not explored_in(traj, "connections"):
+            brian2_seed(stream_seed(traj.simulation.seed, 1))
+            self._build(traj, brian_list, network_dict)
+
+    def build(self, traj, brian_list, network_dict):
+        if self.fail_run is not None and traj.v_idx == self.fail_run:
+            raise RuntimeError("deliberate failure (--fail-run)")
+        if "connections" not in network_dict:
+            release_freed_memory()
+            brian2_seed(stream_seed(traj.simulation.seed, 2, traj.v_idx))
+            self._build(traj, brian_list, network_dict)
+
+    @staticmethod
+    def _build(traj, brian_list, network_dict):
+        conn = traj.parameters.connections
+        n_e = traj.parameters.model.N_e
+        p_in, p_out = cluster_probabilities(conn.R_ee, n_e, conn.cluster_size, conn.p_ee)
+        if p_in > 1:
+            raise ValueError(
+                f"R_ee = {conn.R_ee} gives a within-cluster probability of {p_in:.3f} > 1"
+            )
+        j_in = conn.J_ee * (conn.strength_factor if conn.R_ee > 1 else 1.0)
+        namespace = dict(
+            p_in=p_in, p_out=p_out, p_ie=conn.p_ie, p_ei=conn.p_ei, p_ii=conn.p_ii,
+            J_in=j_in, J_out=conn.J_ee, J_ie=conn.J_ie, J_ei=conn.J_ei, J_ii=conn.J_ii, N_e=n_e,
+        )
+        neurons = network_dict["neurons"]
+        with codegen_target("numpy"):
+            connections = CNConnections._connect(network_dict, neurons, namespace)
+        brian_list.extend(connections)
+        network_dict["connections"] = connections
+
+    @staticmethod
+    def _connect(network_dict, neurons, namespace):
+        from_e = Synapses(
+            network_dict["neurons_e"], neurons, "w : 1 (constant)",
+            on_pre="x_e_rise_post += w\nx_e_decay_post += w",
+            namespace=namespace, name="from_e",
+        )
+        # E indices start at 0 in both source and target, so i != j excludes exactly the autapses.
+        from_e.connect("i != j", p=E_SOURCE_P)
+        from_e.w = E_SOURCE_W
+        from_i = Synapses(
+            network_dict["neurons_i"], neurons, "w : 1 (constant)",
+            on_pre="x_i_rise_post -= w\nx_i_decay_post -= w",
+            namespace=namespace, name="from_i",
+        )
+        # Source indices count from the first I neuron, target indices from the first E neuron.
+        from_i.connect("j != i + N_e", p=I_SOURCE_P)
+        from_i.w = I_SOURCE_W
+        return [from_e, from_i]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------------
+
+
+class CNNetworkRunner(NetworkRunner):
+    """An initial run that lets the network settle, then the measured run (spec 7.5)."""
+
+    def __init__(self, initial_run=0.5 * second, measurement_run=10 * second):
+        # Brian2's text report would interleave between processes; per-run lines are printed instead.
+        super().__init__(report=None)
+        self.initial_run = initial_run
+        self.measurement_run = measurement_run
+
+    def add_parameters(self, traj):
+        par = traj.f_add_parameter(
+            Brian2Parameter, "simulation.durations.initial_run", self.initial_run,
+            comment="Settling time, not analysed",
+        )
+        par.v_annotations.order = 0
+        par = traj.f_add_parameter(
+            Brian2Parameter, "simulation.durations.measurement_run", self.measurement_run,
+            comment="Recorded and analysed",
+        )
+        par.v_annotations.order = 1
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_annotations.order == 0:
+            network_dict["wall_start"] = time.time()
+            print(f"run {traj.v_idx + 1}/{len(traj)} started: {explored_text(traj)}", flush=True)
+
+
+def explored_text(traj):
+    """'R_ee = 2.5' for the current run (every explored parameter, by its short name)."""
+    return ", ".join(
+        f"{param.v_name} = {param.f_get()}"
+        for param in traj.f_get_explored_parameters(copy=False).values()
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Analysers
+# ---------------------------------------------------------------------------------------------------
+
+
+def is_measurement(subrun):
+    return subrun.v_name == "measurement_run"
+
+
+class CNMonitorAnalysis(NetworkAnalyser):
+    """Records the measurement run: spikes of all E neurons, V and synaptic currents of a few E
+    neurons from two clusters, and the mean rates of E and I.
+
+    network_dict:
+        Expects 'neurons', 'neurons_e'. Adds 'monitors' (dict name -> monitor) and 'measurement'
+        (its start time and the spike counts at that time).
+    Results: monitors.spikes_e, monitors.V, monitors.I_syn_e, monitors.I_syn_i (Brian2MonitorResult),
+    statistics.rates (Brian2Result with e and i in Hz).
+    """
+
+    def add_parameters(self, traj):
+        size = traj.parameters.connections.cluster_size
+        traj.f_add_parameter(
+            "analysis.neuron_records", (0, 1, size, size + 1),
+            comment="E neurons whose V and currents are recorded: two in each of two clusters",
+        )
+        traj.f_add_parameter(
+            Brian2Parameter, "analysis.record_dt", 0.5 * ms,
+            comment="Sampling step of the recorded traces",
+        )
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if not is_measurement(current_subrun):
+            return
+        neurons_e = network_dict["neurons_e"]
+        record = list(traj.analysis.neuron_records)
+        dt = traj.analysis.record_dt
+        # Fixed names (Brian2 would number them per process) keep the stored data identical
+        # however the runs are spread over processes.
+        monitors = {"spikes_e": SpikeMonitor(neurons_e, record=True, name="spikes_e")}
+        for variable in ("V", "I_syn_e", "I_syn_i"):
+            monitors[variable] = StateMonitor(
+                neurons_e, variable, record=record, dt=dt, name=f"trace_{variable}"
+            )
+        network.add(*monitors.values())
+        network_dict["monitors"] = monitors
+        network_dict["measurement"] = {
+            "t_start": network.t,
+            "counts": np.array(network_dict["neurons"].spike_count[:]),
+        }
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if not is_measurement(current_subrun):
+            return
+        monitors = network_dict["monitors"]
+        comments = {
+            "spikes_e": "Spikes of all E neurons during the measurement",
+            "V": "Membrane potential of the recorded E neurons",
+            "I_syn_e": "Excitatory synaptic input of the recorded E neurons",
+            "I_syn_i": "Inhibitory synaptic input of the recorded E neurons",
+        }
+        for name, monitor in monitors.items():
+            traj.f_add_result(Brian2MonitorResult, f"monitors.{name}", monitor, comment=comments[name])
+
+        measurement = network_dict["measurement"]
+        duration = network.t - measurement["t_start"]
+        counts = np.array(network_dict["neurons"].spike_count[:]) - measurement["counts"]
+        n_e = traj.parameters.model.N_e
+        traj.f_add_result(
+            Brian2Result, "statistics.rates",
+            e=counts[:n_e].mean() / duration, i=counts[n_e:].mean() / duration,
+            comment="Mean firing rates of E and I neurons during the measurement",
+        )
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if is_measurement(current_subrun):
+            network.remove(*network_dict["monitors"].values())
+
+
+def fano_factor(spike_t, spike_i, n_neurons, t_start, t_stop, windows):
+    """Mean Fano factor of spike counts for each counting window.
+
+    The interval [t_start, t_stop) is cut into whole windows (a remainder is dropped). For every
+    neuron that fired in it, FF = variance / mean of its counts across windows (sample variance);
+    the result is the mean over those neurons, one value per window (NaN if fewer than two windows
+    fit or no neuron fired). Times may be Brian2 quantities or plain seconds.
+    """
+    t = _seconds(spike_t)
+    neuron = np.asarray(spike_i, dtype=np.int64)
+    t_start, t_stop = float(_seconds(t_start)), float(_seconds(t_stop))
+    result = np.full(len(windows), np.nan)
+    for k, window in enumerate(np.atleast_1d(_seconds(windows))):
+        n_bins = int(np.floor((t_stop - t_start) / window + 1e-9))
+        if n_bins < 2:
+            continue
+        # The epsilon puts a spike that lies on a window border (up to rounding) into the later one.
+        bins = np.floor((t - t_start) / window + 1e-9).astype(np.int64)
+        inside = (bins >= 0) & (bins < n_bins)
+        counts = np.bincount(
+            neuron[inside] * n_bins + bins[inside], minlength=n_neurons * n_bins
+        ).reshape(n_neurons, n_bins)
+        mean = counts.mean(axis=1)
+        fired = mean > 0
+        if fired.any():
+            variance = counts[fired].var(axis=1, ddof=1)
+            result[k] = np.mean(variance / mean[fired])
+    return result
+
+
+def _seconds(value):
+    if isinstance(value, Quantity):
+        return np.asarray(value / second, dtype=float)
+    return np.asarray(value, dtype=float)
+
+
+class CNFanoFactorComputer(NetworkAnalyser):
+    """Fano factor of E spike counts for each counting window after the measurement run.
+
+    network_dict:
+        Expects 'monitors' and 'measurement' from CNMonitorAnalysis (so it is listed after it).
+    Results: statistics.fano_factor (Brian2Result: window, a Quantity array, and ff, floats) and
+    statistics.mean_fano_factor (FF at ``analysis.mean_fano_window``).
+    """
+
+    def add_parameters(self, traj):
+        # A Brian2Parameter holds one scalar quantity, so the list is a tuple of plain seconds.
+        traj.f_add_parameter(
+            "analysis.fano_windows", tuple(w / 1000.0 for w in FANO_WINDOWS_MS),
+            comment="Counting windows for the Fano factor, in seconds",
+        )
+        traj.f_add_parameter(
+            Brian2Parameter, "analysis.mean_fano_window", 100 * ms,
+            comment="Window of statistics.mean_fano_factor",
+        )
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if not is_measurement(current_subrun):
+            return
+        spikes = network_dict["monitors"]["spikes_e"]
+        t_start = network_dict["measurement"]["t_start"]
+        windows = np.array(traj.analysis.fano_windows) * second
+        counting = (spikes.t[:], spikes.i[:], traj.parameters.model.N_e, t_start, network.t)
+        ff = fano_factor(*counting, windows)
+        mean_ff = float(fano_factor(*counting, [traj.analysis.mean_fano_window])[0])
+        traj.f_add_result(
+            Brian2Result, "statistics.fano_factor", window=windows, ff=ff,
+            comment="Mean Fano factor of E spike counts per counting window",
+        )
+        traj.f_add_result(
+            "statistics.mean_fano_factor", mean_ff,
+            comment="Mean Fano factor of E spike counts at analysis.mean_fano_window",
+        )
+        wall = time.time() - network_dict.get("wall_start", time.time())
+        ff_text = " ".join(f"{w * 1000:g}ms:{f:.2f}" for w, f in zip(traj.analysis.fano_windows, ff))
+        print(
+            f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s: {explored_text(traj)}; "
+            f"FF {ff_text}",
+            flush=True,
+        )
+
+
+class CNNetworkManager(NetworkManager):
+    """brian2pet's manager, whose failing run raises an error naming the run and its explored values.
+
+    (A pickled copy, as pypet makes for resuming and for SCOOP, leaves the pre-built objects behind
+    and builds everything per run; the components make that give the same numbers.)
+    """
+
+    def run_network(self, traj):
+        try:
+            super().run_network(traj)
+        except Exception as error:
+            raise RunFailed(
+                f"run {traj.v_idx} ({explored_text(traj)}) failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+
+class RunFailed(RuntimeError):
+    """One run of the sweep raised; the message names the run and its explored values."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a stored sweep back
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_sweep_file(filename):
+    """Raise ValueError (one line) unless ``filename`` is an HDF5 file holding this script's sweep."""
+    import tables
+
+    if not os.path.isfile(filename):
+        raise ValueError(f"{filename}: no such file")
+    if not tables.is_hdf5_file(filename):
+        raise ValueError(f"{filename}: not an HDF5 file")
+    with tables.open_file(filename, "r") as h5:
+        if f"/{TRAJECTORY_NAME}/parameters/connections" not in h5:
+            raise ValueError(f"{filename}: holds no '{TRAJECTORY_NAME}' sweep of this script")
+
+
+def load_sweep(filename):
+    """The stored trajectory with all parameters and results, loaded with brian2pet's classes."""
+    from pypet import Trajectory
+
+    traj = Trajectory(
+        TRAJECTORY_NAME, add_time=False, filename=filename,
+        dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
+    )
+    traj.f_load(
+        name=TRAJECTORY_NAME, load_parameters=2, load_derived_parameters=2, load_results=2,
+        load_other_data=0, force=True,
+    )
+    return traj
+
+
+def sweep_rows(traj):
+    """One dict per finished run: index, R_ee, rates (Hz), windows (s), ff, mean_ff, run group."""
+    r_ee = traj.f_get("connections.R_ee")
+    values = r_ee.f_get_range() if r_ee.f_has_range() else [r_ee.f_get()]
+    rows = []
+    for idx, run_name in enumerate(traj.f_get_run_names()):
+        path = f"results.runs.{run_name}"
+        if not traj.f_contains(f"{path}.statistics.fano_factor", shortcuts=False):
+            continue  # a run that failed or never ran
+        run = traj.f_get(path, shortcuts=False)
+        rates = run.f_get("statistics.rates")
+        fano = run.f_get("statistics.fano_factor")
+        rows.append({
+            "idx": idx,
+            "R_ee": float(values[idx] if len(values) > 1 else values[0]),
+            "rate_e": float(rates.e / (1 / second)),
+            "rate_i": float(rates.i / (1 / second)),
+            "windows": np.asarray(fano.window / second),
+            "ff": np.asarray(fano.ff, dtype=float),
+            "mean_ff": float(run.f_get("statistics.mean_fano_factor").f_get()),
+            "run": run,
+        })
+    return rows
+
+
+def format_table(rows):
+    """The final table: R_ee, rates and FF per window, one line per run."""
+    if not rows:
+        return "no finished runs"
+    windows = rows[0]["windows"]
+    head = f"{'run':>4} {'R_ee':>5} {'rate E':>7} {'rate I':>7} " + " ".join(
+        f"{'FF ' + format(w * 1000, 'g') + 'ms':>10}" for w in windows
+    )
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(
+            f"{row['idx']:>4} {row['R_ee']:>5.2f} {row['rate_e']:>5.2f}Hz {row['rate_i']:>5.2f}Hz "
+            + " ".join(f"{f:>10.2f}" for f in row["ff"])
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures (matplotlib only here, imported when a figure is drawn; Agg needs no display)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _shown_rows(rows):
+    """The runs to show rasters and traces for: R_ee = 1.0 and 2.5, else the first and last run."""
+    picked = [row for row in rows if any(np.isclose(row["R_ee"], r) for r in (1.0, 2.5))]
+    if not picked:
+        picked = [rows[0], rows[-1]] if len(rows) > 1 else rows[:1]
+    return picked
+
+
+def plot_raster(row, t_start, cluster_size, filename, seconds=3.0):
+    """Spikes of all E neurons for a few seconds of the measurement; neuron index follows cluster."""
+    plt = _pyplot()
+    spikes = row["run"].f_get("monitors.spikes_e")
+    t = np.asarray(spikes.t / second) - t_start
+    shown = t < seconds
+    fig, ax = plt.subplots(figsize=(10, 6))
+    ax.plot(t[shown], np.asarray(spikes.i)[shown], ",k", rasterized=True)
+    ax.set_xlabel("time in measurement (s)")
+    ax.set_ylabel(f"E neuron (clusters of {cluster_size} in order)")
+    ax.set_title(f"E spikes, R_ee = {row['R_ee']:g}")
+    ax.set_xlim(0, seconds)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def plot_traces(row, t_start, cluster_size, filename, seconds=1.0):
+    """V, I_syn_e and I_syn_i of the recorded neurons; colour tells the cluster."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
+    labels = {"V": "V", "I_syn_e": "I_syn_e (1/s)", "I_syn_i": "I_syn_i (1/s)"}
+    for ax, variable in zip(axes, ("V", "I_syn_e", "I_syn_i")):
+        monitor = row["run"].f_get(f"monitors.{variable}")
+        t = np.asarray(monitor.t / second) - t_start
+        shown = t < seconds
+        values = np.asarray(getattr(monitor, variable))
+        for k, neuron in enumerate(np.asarray(monitor.record)):
+            cluster = int(neuron) // cluster_size
+            ax.plot(t[shown], values[k, shown], lw=0.7, color=f"C{cluster % 10}",
+                    ls=("-", "--", ":", "-.")[k % 4], label=f"neuron {neuron} (cluster {cluster})")
+        ax.set_ylabel(labels[variable])
+    axes[0].legend(loc="upper right", fontsize=7, ncol=2)
+    axes[0].set_title(f"Recorded E neurons, R_ee = {row['R_ee']:g}")
+    axes[-1].set_xlabel("time in measurement (s)")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def plot_fano_vs_window(rows, filename):
+    """FF against counting window, one line per R_ee (the paper's signature of slow dynamics)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        ax.plot(row["windows"] * 1000, row["ff"], "o-", label=f"R_ee = {row['R_ee']:.2f}")
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.set_yscale("log")  # keeps the sub-Poisson lines apart from each other
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(FormatStrFormatter("%g"))
+    ax.set_xlabel("counting window (ms)")
+    ax.set_ylabel("Fano factor (mean over E neurons)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def plot_fano_and_rates_vs_r_ee(rows, filename):
+    """FF per window and the mean rates of E and I against R_ee."""
+    plt = _pyplot()
+    r_ee = [row["R_ee"] for row in rows]
+    fig, (ax_ff, ax_rate) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, window in enumerate(rows[0]["windows"]):
+        ax_ff.plot(r_ee, [row["ff"][k] for row in rows], "o-", label=f"{window * 1000:g} ms")
+    ax_ff.axhline(1.0, color="grey", ls=":", lw=1)
+    ax_ff.set_xlabel("R_ee")
+    ax_ff.set_ylabel("Fano factor")
+    ax_ff.legend(title="window", fontsize=8)
+    ax_rate.plot(r_ee, [row["rate_e"] for row in rows], "o-", label="E")
+    ax_rate.plot(r_ee, [row["rate_i"] for row in rows], "s-", label="I")
+    ax_rate.set_xlabel("R_ee")
+    ax_rate.set_ylabel("mean rate (Hz)")
+    ax_rate.legend()
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def plot_all(traj, rows, folder):
+    """Every figure, as PNG in ``folder``; returns their paths."""
+    if not rows:
+        return []
+    t_start = float(traj.f_get("simulation.durations.initial_run").f_get() / second)
+    cluster_size = traj.f_get("connections.cluster_size").f_get()
+    paths = []
+    for row in _shown_rows(rows):
+        for kind, plot in (("raster", plot_raster), ("traces", plot_traces)):
+            path = os.path.join(folder, f"{kind}_R_ee_{row['R_ee']:.2f}.png")
+            plot(row, t_start, cluster_size, path)
+            paths.append(path)
+    path = os.path.join(folder, "fano_vs_window.png")
+    plot_fano_vs_window(rows, path)
+    paths.append(path)
+    path = os.path.join(folder, "fano_and_rates_vs_R_ee.png")
+    plot_fano_and_rates_vs_r_ee(rows, path)
+    paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line and main script (spec 7.3)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, so that a mistyped option is easy to spot in a batch log.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(kind):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return convert
+
+
+def parse_args(argv=None):
+    parser = _Parser(
+        prog="clustered_network.py",
+        description="Clustered E/I network (Litwin-Kumar & Doiron 2012) explored over R_ee.",
+    )
+    parser.add_argument("--scale", type=_positive(float), default=1.0,
+                        help="network size factor: N_e = 4000*scale, N_i = 1000*scale (default 1)")
+    parser.add_argument("--r-ee", type=_positive(float), nargs="*", default=list(DEFAULT_R_EE),
+                        metavar="R", help="clustering ratios to explore (default 1.0 ... 3.5)")
+    parser.add_argument("--measure", type=_positive(float), default=10.0,
+                        help="seconds of the measured run (default 10)")
+    parser.add_argument("--initial", type=_positive(float), default=0.5,
+                        help="seconds of the initial, unmeasured run (default 0.5)")
+    parser.add_argument("--ncores", type=_positive(int), default=1,
+                        help="processes for the sweep (default 1)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    parser.add_argument("--target", choices=("auto", "cython", "numpy"), default="auto",
+                        help="Brian2 code generation target; auto (default) takes cython when a "
+                             "C compiler works, else numpy (about 3 times slower per run)")
+    parser.add_argument("--out", default="results",
+                        help="folder for the HDF5 file and figures (default results/)")
+    parser.add_argument("--no-plots", action="store_true", help="draw no figures")
+    parser.add_argument("--replot", metavar="FILE",
+                        help="redraw the figures and table from a stored HDF5 file, no simulation")
+    parser.add_argument("--scoop", action="store_true",
+                        help="run under SCOOP: python -m scoop -n N clustered_network.py --scoop")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep stored in --out")
+    parser.add_argument("--fail-run", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if not args.r_ee:
+        parser.error("--r-ee needs at least one value")
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
+    n_e = int(4000 * args.scale)
+    if n_e < 2 * CLUSTER_SIZE or int(1000 * args.scale) < 2:
+        parser.error(
+            f"--scale {args.scale} is too small: need two clusters of {CLUSTER_SIZE} E neurons"
+        )
+    for r in args.r_ee:
+        if cluster_probabilities(r, n_e, CLUSTER_SIZE, P_EE)[0] > 1:
+            parser.error(f"--r-ee {r} gives a within-cluster probability above 1 at this scale")
+    if args.replot:
+        try:
+            check_sweep_file(args.replot)
+        except ValueError as error:
+            parser.error(f"--replot: {error}")
+    if args.scoop and args.ncores != 1:
+        parser.error("--ncores does not apply with --scoop; SCOOP's -n sets the workers")
+    return args
+
+
+def hold_sweep_lock(folder):
+    """Take the folder's sweep lock or exit, so that no two processes write one sweep.
+
+    The lock is an flock on a file that forked workers inherit: it is held while ANY process of a
+    sweep lives, also workers that outlived a killed parent (which would race a resumed sweep).
+    """
+    path = os.path.join(folder, "sweep.lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        sys.exit(
+            f"clustered_network.py: error: a sweep in {folder} is still running ({owner}); stop "
+            f"its whole process group first, e.g. kill -- -PGID (find it: fuser -v {path})"
+        )
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, process group {os.getpgrp()}\n")
+    handle.flush()
+    return handle  # the lock lives as long as this handle stays open
+
+
+def _have_dill():
+    try:
+        import dill  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_environment(args, filename, resume_folder):
+    from pypet import Environment
+
+    multiproc = {}
+    if args.scoop:
+        # Workers on other hosts get the run function pickled; each keeps its own results (LOCAL).
+        multiproc = dict(multiproc=True, use_scoop=True, wrap_mode="LOCAL")
+    elif args.ncores > 1:
+        # Fork without a pool, so the pre-built network needs no pickling. The workers send their
+        # results to this process, the one writer of the HDF5 file: LOCAL rather than QUEUE, because
+        # pypet can resume only LOCK, NETLOCK and LOCAL sweeps.
+        multiproc = dict(multiproc=True, ncores=args.ncores, use_pool=False, wrap_mode="LOCAL")
+    return Environment(
+        trajectory=TRAJECTORY_NAME,
+        filename=filename,
+        comment="Litwin-Kumar & Doiron (2012) clustered network explored over R_ee",
+        dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
+        log_config=None,
+        # A run's synapses (a few hundred MB at scale 1) sit in reference cycles; collect them
+        # before the next run builds its own, or one process holds two networks' worth.
+        gc_interval=1,
+        report_progress=False,
+        # Resume files let a killed sweep continue (--resume); pypet writes them with dill.
+        resumable=_have_dill(),
+        resume_folder=resume_folder,
+        **multiproc,
+    )
+
+
+def resolve_target(target):
+    """'auto' becomes cython if Brian2 can compile (a one-off test, cached), numpy otherwise."""
+    if target != "auto":
+        return target
+    from brian2.codegen.runtime.cython_rt import CythonCodeObject
+
+    if CythonCodeObject.is_available():
+        return "cython"
+    print("cython is not usable here (no C compiler?): simulating with numpy", flush=True)
+    return "numpy"
+
+
+def build_manager(args):
+    """The network manager with its components, in build order (spec 7.3)."""
+    return CNNetworkManager(
+        network_runner=CNNetworkRunner(args.initial * second, args.measure * second),
+        component_list=[CNNeuronGroup(), CNConnections(fail_run=args.fail_run)],
+        analyser_list=[CNMonitorAnalysis(), CNFanoFactorComputer()],
+    )
+
+
+def run_sweep(args, filename, resume_folder):
+    """The spec's main script: environment, trajectory, manager, parameters, exploration, run."""
+    if os.path.exists(filename):
+        print(f"replacing the earlier sweep in {filename} (continue one with --resume)")
+        os.remove(filename)
+    shutil.rmtree(os.path.join(resume_folder, TRAJECTORY_NAME), ignore_errors=True)
+    env = make_environment(args, filename, resume_folder)
+    traj = env.trajectory
+
+    traj.f_add_parameter(
+        "simulation.scale", args.scale,
+        comment="Scales the numbers of neurons (and so K and the weights), not the cluster size",
+    )
+    traj.f_add_parameter("simulation.seed", args.seed, comment="Seed of every random stream")
+    traj.f_add_parameter(
+        "simulation.codegen_target", resolve_target(args.target),
+        comment="Brian2 codegen target of the objects that run every time step",
+    )
+    traj.f_add_parameter(Brian2Parameter, "simulation.dt", 0.1 * ms, comment="Euler time step")
+
+    manager = build_manager(args)
+    manager.add_parameters(traj)
+    traj.f_explore({"R_ee": [float(r) for r in args.r_ee]})
+
+    brian2_seed(args.seed)
+    np.random.seed(args.seed)
+    if not args.scoop:
+        # Under SCOOP the run function travels to other hosts, and pre-built objects cannot.
+        manager.pre_build(traj)
+
+    traj.f_store()
+    try:
+        env.run(manager.run_network)
+    finally:
+        env.disable_logging()
+    raise_for_incomplete_runs(env.trajectory)
+
+
+def raise_for_incomplete_runs(traj):
+    """With several processes pypet logs a failed run and goes on; end the sweep with an error."""
+    failed = []
+    for idx, name in enumerate(traj.f_get_run_names()):
+        if not traj.f_get_run_information(name)["completed"]:
+            traj.v_idx = idx
+            failed.append(f"run {idx} ({explored_text(traj)})")
+    traj.f_restore_default()
+    if failed:
+        raise RunFailed(f"{', '.join(failed)} did not complete (its error is printed above)")
+
+
+def resume_sweep(args, filename, resume_folder):
+    if not _have_dill():
+        sys.exit("clustered_network.py: error: --resume needs the package dill (pip install dill)")
+    if not os.path.isfile(os.path.join(resume_folder, TRAJECTORY_NAME, "environment.ecnt")):
+        sys.exit(
+            f"clustered_network.py: error: nothing to resume in {resume_folder} (the sweep "
+            f"finished, or never started with this --out)"
+        )
+    env = make_environment(args, filename, resume_folder)
+    try:
+        env.resume(trajectory_name=TRAJECTORY_NAME, resume_folder=resume_folder)
+    finally:
+        env.disable_logging()
+    raise_for_incomplete_runs(env.trajectory)
+
+
+def report(filename, plots):
+    """Print the table, and draw and list the figures."""
+    traj = load_sweep(filename)
+    rows = sweep_rows(traj)
+    print(format_table(rows))
+    print(f"HDF5 file: {os.path.abspath(filename)}")
+    if plots:
+        for path in plot_all(traj, rows, os.path.dirname(os.path.abspath(filename))):
+            print(f"figure: {os.path.abspath(path)}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # With several processes the parent's pre-built neurons are never simulated (forked workers
+    # simulate their copies), which Brian2 would warn about at exit.
+    BrianLogger.suppress_name("unused_brian_object")
+    if args.replot:
+        report(args.replot, plots=True)
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    filename = os.path.join(args.out, HDF5_NAME)
+    resume_folder = os.path.join(args.out, "resume")
+    lock = hold_sweep_lock(args.out) if not args.scoop else None
+    started = time.time()
+    try:
+        (resume_sweep if args.resume else run_sweep)(args, filename, resume_folder)
+    except RunFailed as error:
+        print(f"clustered_network.py: error: {error}", file=sys.stderr)
+        print(f"finished runs are kept in {os.path.abspath(filename)}", file=sys.stderr)
+        return 1
+    print(f"sweep finished in {time.time() - started:.0f} s")
+    report(filename, plots=not args.no_plots)
+    if lock is not None:
+        lock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    exit_code = main()
+    if exit_code:
+        # Only on failure: SCOOP reports even sys.exit(0) from its root worker as an error.
+        sys.exit(exit_code)
