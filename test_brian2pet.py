@@ -499,6 +499,15 @@ def test_subrun_errors(durations, message):
         manager.run_network(traj)
 
 
+def test_subrun_that_is_not_a_brian2_parameter_is_refused():
+    manager = spy_manager([])
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    traj.f_add_parameter("simulation.durations.plain", 0.5).v_annotations.order = 1  # no unit
+    with pytest.raises(TypeError, match=r"`parameters\.simulation\.durations\.plain` is a Parameter"):
+        manager.run_network(traj)
+
+
 def test_subrun_group_name_is_configurable():
     log = []
     runner = SpyRunner(log, (("x", 0, 1 * ms),), durations_group_name="phases.main")
