@@ -605,6 +605,7 @@ class NetworkManager(HasLogger):
         self._pre_built = False
         self._pre_run = False
         self._network = None  # the one network of the pre-built objects, once it exists
+        self._state_name = None  # name of its stored state: "pre_build" or "pre_run"
         self._pre_built_objects = set()  # what that network holds at its stored state
         self._set_logger()
 
@@ -666,7 +667,7 @@ class NetworkManager(HasLogger):
         """One run of the exploration: pass this to ``Environment.run`` (spec 7.3)."""
         brian_list, network_dict = self.build(traj)
         self._log_explored_values(traj)
-        network = self._network_for_run(traj, brian_list)
+        network = self._network_for_run(brian_list)
         try:
             self.network_runner.execute_network_run(
                 traj, network, network_dict, self.components, self.analysers
@@ -676,7 +677,7 @@ class NetworkManager(HasLogger):
                 # Whatever this run added (its built objects, monitors left in) leaves with it.
                 network.remove(*(set(network.objects) - self._pre_built_objects))
 
-    def _network_for_run(self, traj, brian_list):
+    def _network_for_run(self, brian_list):
         if not self._pre_built:
             return self._network_constructor(*brian_list)
         if self._network is None:
