@@ -29,6 +29,7 @@ from brian2 import (
     nS,
     second,
 )
+import pypet.brian2.parameter as pypet_brian2  # the anchor, for file compatibility
 from pypet import Environment, Result, Trajectory, load_trajectory
 
 import brian2pet
@@ -165,6 +166,13 @@ def test_parameter_explore_refuses_mixed_dimensions(tmp_path):
         traj.f_explore({"tau": [1 * ms, 3.0]})
 
 
+def test_parameter_explore_refuses_text_for_a_quantity(tmp_path):
+    traj = new_trajectory(tmp_path)
+    traj.f_add_parameter(Brian2Parameter, "tau", 5 * ms)
+    with pytest.raises(TypeError, match="tau"):
+        traj.f_explore({"tau": [1 * ms, "fast"]})
+
+
 def test_parameter_refuses_array_quantity(tmp_path):
     traj = new_trajectory(tmp_path)
     with pytest.raises(TypeError, match="Brian2Result"):
@@ -281,10 +289,22 @@ def test_monitor_result_refuses_other_brian_objects(tmp_path):
         traj.f_add_result(Brian2MonitorResult, "m", group)
 
 
+def test_monitor_result_keeps_a_copy_while_the_monitor_records_on(tmp_path):
+    group = NeuronGroup(5, "dv/dt = (1.2 - v) / (5*ms) : 1", threshold="v > 1", reset="v = 0",
+                        method="exact")
+    spikes, state = SpikeMonitor(group), StateMonitor(group, "v", record=True)
+    network = brian2.Network(group, spikes, state)
+    network.run(10 * ms)
+    traj = new_trajectory(tmp_path)
+    spike_result = traj.f_add_result(Brian2MonitorResult, "spikes", spikes)
+    state_result = traj.f_add_result(Brian2MonitorResult, "state", state)
+    t_then, steps_then = np.array(spikes.t[:]), len(state.t)
+    network.run(200 * ms)  # buffers grow far beyond their first size
+    np.testing.assert_array_equal(np.asarray(spike_result.t), t_then)
+    assert len(state_result.t) == state_result.v.shape[1] == steps_then
+
+
 # Files written by either implementation load with the other's classes.
-import pypet.brian2.parameter as pypet_brian2  # noqa: E402  (pypet ships it)
-
-
 @pytest.mark.parametrize("writer,reader", [(brian2pet, pypet_brian2), (pypet_brian2, brian2pet)])
 def test_storage_layout_shared_with_pypet_brian2(tmp_path, writer, reader):
     monitors = record_all_monitors()
@@ -763,26 +783,6 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     assert len(counts) == 3 and counts[0] > counts[2] > 0  # a faster membrane fires more often
 
 
-def test_parameter_explore_refuses_text_for_a_quantity(tmp_path):
-    traj = new_trajectory(tmp_path)
-    traj.f_add_parameter(Brian2Parameter, "tau", 5 * ms)
-    with pytest.raises(TypeError, match="tau"):
-        traj.f_explore({"tau": [1 * ms, "fast"]})
-
-
-def test_monitor_result_keeps_a_copy_while_the_monitor_records_on(tmp_path):
-    group = NeuronGroup(5, "dv/dt = (1.2 - v) / (5*ms) : 1", threshold="v > 1", reset="v = 0",
-                        method="exact")
-    spikes, state = SpikeMonitor(group), StateMonitor(group, "v", record=True)
-    network = brian2.Network(group, spikes, state)
-    network.run(10 * ms)
-    traj = new_trajectory(tmp_path)
-    spike_result = traj.f_add_result(Brian2MonitorResult, "spikes", spikes)
-    state_result = traj.f_add_result(Brian2MonitorResult, "state", state)
-    t_then, steps_then = np.array(spikes.t[:]), len(state.t)
-    network.run(200 * ms)  # buffers grow far beyond their first size
-    np.testing.assert_array_equal(np.asarray(spike_result.t), t_then)
-    assert len(state_result.t) == state_result.v.shape[1] == steps_then
 
 
 def test_a_pickled_manager_travels_without_brian2_objects():
