@@ -41,6 +41,7 @@ import time
 import numpy as np
 from brian2 import (
     BrianLogger,
+    Clock,
     NeuronGroup,
     Quantity,
     SpikeMonitor,
@@ -286,6 +287,10 @@ class CNConnections(NetworkComponent):
 
     def __init__(self, fail_run=None):
         self.fail_run = fail_run
+        # True once this process has built a run's connections. A forked worker starts with the
+        # parent's False: its first run has no earlier network to free, and a collection would
+        # only copy the parent's memory pages that it touches.
+        self._built_a_run = False
 
     def add_parameters(self, traj):
         model = traj.parameters.model
@@ -315,9 +320,11 @@ class CNConnections(NetworkComponent):
         if self.fail_run is not None and traj.v_idx == self.fail_run:
             raise RuntimeError("deliberate failure (--fail-run)")
         if "connections" not in network_dict:
-            release_freed_memory()
+            if self._built_a_run:
+                release_freed_memory()
             brian2_seed(stream_seed(traj.simulation.seed, 2, traj.v_idx))
             self._build(traj, brian_list, network_dict)
+            self._built_a_run = True
 
     @staticmethod
     def _build(traj, brian_list, network_dict):
@@ -436,13 +443,16 @@ class CNMonitorAnalysis(NetworkAnalyser):
             return
         neurons_e = network_dict["neurons_e"]
         record = list(traj.analysis.neuron_records)
-        dt = traj.analysis.record_dt
         # Fixed names (Brian2 would number them per process) keep the stored data identical
-        # however the runs are spread over processes.
+        # however the runs are spread over processes. The clock needs one too: given dt= alone,
+        # each StateMonitor makes a clock named clock_1, clock_2, ..., the name goes into the
+        # generated code, and a process that simulates several runs would compile the monitors
+        # anew whenever the numbering shifts.
+        clock = Clock(dt=traj.analysis.record_dt, name="record_clock")
         monitors = {"spikes_e": SpikeMonitor(neurons_e, record=True, name="spikes_e")}
         for variable in ("V", "I_syn_e", "I_syn_i"):
             monitors[variable] = StateMonitor(
-                neurons_e, variable, record=record, dt=dt, name=f"trace_{variable}"
+                neurons_e, variable, record=record, clock=clock, name=f"trace_{variable}"
             )
         network.add(*monitors.values())
         network_dict["monitors"] = monitors
@@ -908,9 +918,8 @@ def make_environment(args, filename, resume_folder):
         comment="Litwin-Kumar & Doiron (2012) clustered network explored over R_ee",
         dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
         log_config=None,
-        # A run's synapses (a few hundred MB at scale 1) sit in reference cycles; collect them
-        # before the next run builds its own, or one process holds two networks' worth.
-        gc_interval=1,
+        # pypet's default, zlib at level 9, costs about a second per sweep for files 2 % smaller.
+        complevel=1,
         report_progress=False,
         # Resume files let a killed sweep continue (--resume); pypet writes them with dill.
         resumable=_have_dill(),

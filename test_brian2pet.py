@@ -967,6 +967,36 @@ def test_connectivity_statistics_at_small_scale():
     np.testing.assert_allclose(np.asarray(from_i.w[:])[~i_to_e], j.J_ii)
 
 
+def test_trace_monitors_generate_the_same_code_in_every_run():
+    # Same code means one cython compilation per machine, not one per run in a long-lived process.
+    from brian2 import Network, StateMonitor, ms
+    from pypet import Trajectory
+
+    traj = Trajectory("traces", add_time=False)
+    traj.f_add_parameter("simulation.scale", 0.05)
+    traj.f_add_parameter("simulation.seed", 1)
+    traj.f_add_parameter("simulation.codegen_target", "numpy")
+    traj.f_add_parameter(cn.Brian2Parameter, "simulation.dt", 0.1 * ms)
+    parts = [cn.CNNeuronGroup(), cn.CNConnections(), cn.CNMonitorAnalysis(), cn.CNNetworkRunner()]
+    for part in parts:
+        part.add_parameters(traj)
+    measurement = traj.f_get("measurement_run")
+    analyser = parts[2]
+    codes, kept_alive = [], []
+    for _ in range(2):
+        brian_list, network_dict = [], {}
+        parts[0].build(traj, brian_list, network_dict)
+        network = Network(*brian_list)
+        analyser.add_to_network(traj, network, measurement, [], network_dict)
+        network.run(1 * ms)
+        traces = [m for m in network_dict["monitors"].values() if isinstance(m, StateMonitor)]
+        codes.append([str(m.codeobj.code) for m in traces])
+        # The first run's monitors stay alive, as they do in a sweep until collected.
+        kept_alive.append(network)
+    assert len(codes[0]) == 3
+    assert codes[0] == codes[1]
+
+
 # --------------------------------------------------------------------------------------------------
 # The example end to end
 # --------------------------------------------------------------------------------------------------
