@@ -913,16 +913,19 @@ def test_weights_are_the_papers():
     assert weights["J_ii"] == pytest.approx(16 / (10 * sqrt_k))
 
 
-def test_connectivity_statistics_at_small_scale():
-    from brian2 import ms
-    from pypet import Trajectory
-
-    scale, r_ee = 0.2, 2.5
-    traj = Trajectory("connectivity", add_time=False)
+def example_trajectory(name, scale, seed):
+    """A trajectory with the example's simulation.* parameters, as run_sweep adds them (numpy)."""
+    traj = Trajectory(name, add_time=False)
     traj.f_add_parameter("simulation.scale", scale)
-    traj.f_add_parameter("simulation.seed", 5)
+    traj.f_add_parameter("simulation.seed", seed)
     traj.f_add_parameter("simulation.codegen_target", "numpy")
     traj.f_add_parameter(cn.Brian2Parameter, "simulation.dt", 0.1 * ms)
+    return traj
+
+
+def test_connectivity_statistics_at_small_scale():
+    scale, r_ee = 0.2, 2.5
+    traj = example_trajectory("connectivity", scale, seed=5)
     neurons, connections = cn.CNNeuronGroup(), cn.CNConnections()
     neurons.add_parameters(traj)
     connections.add_parameters(traj)
@@ -969,23 +972,17 @@ def test_connectivity_statistics_at_small_scale():
 
 def test_trace_monitors_generate_the_same_code_in_every_run():
     # Same code means one cython compilation per machine, not one per run in a long-lived process.
-    from brian2 import Network, StateMonitor, ms
-    from pypet import Trajectory
+    from brian2 import Network, StateMonitor
 
-    traj = Trajectory("traces", add_time=False)
-    traj.f_add_parameter("simulation.scale", 0.05)
-    traj.f_add_parameter("simulation.seed", 1)
-    traj.f_add_parameter("simulation.codegen_target", "numpy")
-    traj.f_add_parameter(cn.Brian2Parameter, "simulation.dt", 0.1 * ms)
-    parts = [cn.CNNeuronGroup(), cn.CNConnections(), cn.CNMonitorAnalysis(), cn.CNNetworkRunner()]
-    for part in parts:
+    traj = example_trajectory("traces", 0.05, seed=1)
+    neurons, analyser = cn.CNNeuronGroup(), cn.CNMonitorAnalysis()
+    for part in (neurons, cn.CNConnections(), analyser, cn.CNNetworkRunner()):
         part.add_parameters(traj)
     measurement = traj.f_get("measurement_run")
-    analyser = parts[2]
     codes, kept_alive = [], []
     for _ in range(2):
         brian_list, network_dict = [], {}
-        parts[0].build(traj, brian_list, network_dict)
+        neurons.build(traj, brian_list, network_dict)
         network = Network(*brian_list)
         analyser.add_to_network(traj, network, measurement, [], network_dict)
         network.run(1 * ms)
