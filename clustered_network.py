@@ -29,12 +29,16 @@ Fano factor), reading a stored sweep back, figures, and ``main()``.
 """
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import fcntl
 import gc
+import logging
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 
@@ -565,7 +569,8 @@ class CNFanoFactorComputer(NetworkAnalyser):
         wall = time.time() - network_dict.get("wall_start", time.time())
         ff_text = " ".join(f"{w * 1000:g}ms:{f:.2f}" for w, f in zip(traj.analysis.fano_windows, ff))
         print(
-            f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s: {explored_text(traj)}; "
+            f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s on {socket.gethostname()}: "
+            f"{explored_text(traj)}; "
             f"FF {ff_text}",
             flush=True,
         )
@@ -594,35 +599,199 @@ class RunFailed(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------
 # Reading a stored sweep back
+#
+# Results files travel, so a file may come from someone else, and reading one must run nothing from
+# it. Two things in the usual way of loading would: pypet rebuilds a PickleResult, a PickleParameter
+# (and any leaf it stored as a pickle) by unpickling it, and PyTables unpickles every node attribute
+# that looks like a pickle as soon as it opens the node. So the script loads only the nodes it needs,
+# with the classes it knows: check_sweep_file first walks exactly those nodes with PyTables and
+# refuses the file if any holds a class other than SWEEP_CLASSES, data that pypet would read through
+# pandas or pickle, a link, or an attribute that is a pickle; then pypet loads them. Both steps run
+# with every pickle refused the global (class or function) it names, so even a check that missed
+# something could not run code.
 # ---------------------------------------------------------------------------------------------------
 
+# The containers a sweep of this script stores; none of them unpickles when it loads.
+SWEEP_CLASSES = ("Parameter", "Result", "Brian2Parameter", "Brian2Result", "Brian2MonitorResult")
+# How pypet stored a container's items (node attribute SRVC_STORE) when it reads them back as HDF5
+# arrays and tables of numbers and text. Its other ways (pandas frames and series, nested and shared
+# data) go through pandas, whose object columns are pickles.
+SAFE_STORAGE = ("ARRAY", "CARRAY", "EARRAY", "TABLE", "DICT")
+# What the table and the figures read: every parameter, and the results of each run.
+SWEEP_NODES = ("parameters", "results.runs")
+# Every branch of a trajectory that holds containers; pypet's own loading reads them all.
+ALL_NODES = ("config", "parameters", "derived_parameters", "results")
 
-def check_sweep_file(filename):
-    """Raise ValueError (one line) unless ``filename`` is an HDF5 file holding this script's sweep."""
+
+class SweepFileError(ValueError):
+    """A file that is no readable sweep of this script; the message is one line naming the file."""
+
+
+_pickle_guard = {"installed": False, "refusing": False}
+
+
+def _refuse_pickled_globals(event, args):
+    # Python announces (as the audit event pickle.find_class) every class or function a pickle names
+    # before the pickle may call it; without one, a pickle builds only numbers, text and containers.
+    if event == "pickle.find_class" and _pickle_guard["refusing"]:
+        raise SweepFileError(f"refused to unpickle {args[0]}.{args[1]}")
+
+
+@contextlib.contextmanager
+def pickles_refused():
+    """Inside the block no pickle can name a class or function, so no pickle can run code.
+
+    PyTables then leaves a pickled attribute as its bytes (check_sweep_file reports those), and
+    pypet's pickle containers raise. The audit hook stays installed (Python cannot remove one) but
+    does nothing outside the block.
+    """
+    if not _pickle_guard["installed"]:
+        sys.addaudithook(_refuse_pickled_globals)
+        _pickle_guard["installed"] = True
+    previous = _pickle_guard["refusing"]
+    _pickle_guard["refusing"] = True
+    try:
+        yield
+    finally:
+        _pickle_guard["refusing"] = previous
+
+
+def check_sweep_file(filename, trajectory_name=TRAJECTORY_NAME, nodes=SWEEP_NODES):
+    """Raise SweepFileError unless ``filename`` holds trajectory ``trajectory_name`` and its ``nodes``
+    (pypet names such as 'results.runs') load without unpickling; return the nodes it holds.
+
+    The message is one line naming the file and what is wrong: missing, not HDF5, damaged (cut short
+    by a crash or an interrupted copy), another program's HDF5 file, or the first node whose content
+    would unpickle or is not a container this script knows.
+    """
     import tables
 
     if not os.path.isfile(filename):
-        raise ValueError(f"{filename}: no such file")
-    if not tables.is_hdf5_file(filename):
-        raise ValueError(f"{filename}: not an HDF5 file")
-    with tables.open_file(filename, "r") as h5:
-        if f"/{TRAJECTORY_NAME}/parameters/connections" not in h5:
-            raise ValueError(f"{filename}: holds no '{TRAJECTORY_NAME}' sweep of this script")
+        raise SweepFileError(f"{filename}: no such file")
+    try:
+        with pickles_refused():
+            if not tables.is_hdf5_file(filename):
+                raise SweepFileError(f"{filename}: not an HDF5 file")
+            with tables.open_file(filename, "r") as h5:
+                return _check_sweep_nodes(h5, filename, trajectory_name, nodes)
+    except (tables.HDF5ExtError, OSError) as error:
+        raise SweepFileError(
+            f"{filename}: damaged, HDF5 cannot read it (cut short by a crash or an interrupted "
+            f"copy?): {_hdf5_reason(error)}"
+        ) from None
+
+
+def _check_sweep_nodes(h5, filename, trajectory_name, nodes):
+    import tables
+
+    trajectory = f"/{trajectory_name}"
+    if f"{trajectory}/parameters" not in h5:
+        raise SweepFileError(f"{filename}: holds no '{trajectory_name}' sweep of this script")
+    # pypet also reads the file's root, the trajectory group, its direct subgroups and the
+    # overview tables (run information, explored parameters, storage settings).
+    walked = [h5.root, *h5.iter_nodes(trajectory)]
+    walked.extend(h5.walk_nodes(f"{trajectory}/overview") if f"{trajectory}/overview" in h5 else [])
+    present = []
+    for name in nodes:
+        path = f"{trajectory}/{name.replace('.', '/')}"
+        if path in h5:
+            present.append(name)
+            walked.extend(h5.walk_nodes(path))
+    for node in walked:
+        # An item of a container is reported by the container's name.
+        named = node._v_parent if "SRVC_LEAF" in node._v_parent._v_attrs else node
+        where = named._v_pathname[len(trajectory) + 1:].replace("/", ".") or named._v_pathname
+        problem = _unsafe_node(node, tables)
+        if problem:
+            raise SweepFileError(f"{filename}: {where}: {problem}; refused (it could run code)")
+    return present
+
+
+def _unsafe_node(node, tables):
+    """What makes reading ``node`` unsafe, or None."""
+    if isinstance(node, tables.link.Link):
+        return "a link, which pypet would follow elsewhere"
+    for attribute in node._v_attrs._f_list("all"):
+        # PyTables unpickles an attribute whose stored value is bytes ending in '.' (a pickle's last
+        # byte); _g_getattr is its reading before that step. Nothing pypet stores ends so.
+        raw = node._v_attrs._g_getattr(node, attribute)
+        if isinstance(raw, np.bytes_) and raw.endswith(b"."):
+            return f"attribute {attribute} holds a pickle"
+    if isinstance(node, tables.Group) and "SRVC_LEAF" in node._v_attrs:
+        class_name = str(node._v_attrs.SRVC_INIT_CLASS_NAME)
+        if class_name not in SWEEP_CLASSES:
+            return (f"stored as {class_name}, not one of the containers this script loads "
+                    f"({', '.join(SWEEP_CLASSES)})")
+    if isinstance(node, tables.Leaf) and not isinstance(node, (tables.Array, tables.Table)):
+        # e.g. a VLArray of Python objects, which PyTables unpickles when it reads them
+        return f"data stored as a PyTables {type(node).__name__}"
+    if "SRVC_LEAF" in node._v_parent._v_attrs:  # an item of a container
+        storage = str(getattr(node._v_attrs, "SRVC_STORE", "none"))
+        if storage not in SAFE_STORAGE:
+            return (f"item {node._v_name} stored as {storage}, which pypet reads through pandas "
+                    f"or pickle")
+    return None
+
+
+def _hdf5_reason(error):
+    """The innermost message of HDF5's error stack, e.g. 'truncated file: eof = ...'."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "End of HDF5 error back trace" in lines:
+        return lines[lines.index("End of HDF5 error back trace") - 1]
+    return _first_line(error)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def exit_if_unreadable(option, filename, trajectory_name=TRAJECTORY_NAME, nodes=SWEEP_NODES):
+    """Exit with one line naming ``option``, the file and the problem unless check_sweep_file
+    passes (for --replot and --resume)."""
+    try:
+        check_sweep_file(filename, trajectory_name, nodes)
+    except SweepFileError as error:
+        sys.exit(f"clustered_network.py: error: {option}: {error}")
+
+
+def load_trajectory_nodes(filename, trajectory_name, nodes):
+    """Trajectory ``trajectory_name`` of a file from anywhere, with only ``nodes`` loaded (pypet
+    names; each with its whole subtree), after check_sweep_file and with pickles refused.
+
+    Raises SweepFileError (one line) for a file that fails the check or that pypet cannot read.
+    """
+    from pypet import Trajectory
+
+    present = check_sweep_file(filename, trajectory_name, nodes)
+    # pypet logs a failed load at length before raising; the error below says it in one line.
+    pypet_logger = logging.getLogger("pypet")
+    level = pypet_logger.level
+    pypet_logger.setLevel(logging.CRITICAL)
+    with pickles_refused():
+        try:
+            traj = Trajectory(
+                trajectory_name, add_time=False, filename=filename,
+                dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
+            )
+            # Run information and explored names only; then the nodes, each with its subtree.
+            traj.f_load(
+                name=trajectory_name, load_parameters=0, load_derived_parameters=0,
+                load_results=0, load_other_data=0, force=True,
+            )
+            for name in present:
+                traj.f_load_child(name, recursive=True, load_data=2)
+        except Exception as error:  # whatever pypet raises on a file it cannot read
+            raise SweepFileError(f"{filename}: damaged, pypet cannot read it: {_hdf5_reason(error)}"
+                                 ) from error
+        finally:
+            pypet_logger.setLevel(level)
+    return traj
 
 
 def load_sweep(filename):
-    """The stored trajectory with all parameters and results, loaded with brian2pet's classes."""
-    from pypet import Trajectory
-
-    traj = Trajectory(
-        TRAJECTORY_NAME, add_time=False, filename=filename,
-        dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
-    )
-    traj.f_load(
-        name=TRAJECTORY_NAME, load_parameters=2, load_derived_parameters=2, load_results=2,
-        load_other_data=0, force=True,
-    )
-    return traj
+    """The stored sweep with its parameters and per-run results (SWEEP_NODES), loaded safely."""
+    return load_trajectory_nodes(filename, TRAJECTORY_NAME, SWEEP_NODES)
 
 
 def sweep_rows(traj):
@@ -1007,6 +1176,9 @@ def resume_sweep(args, filename, resume_folder):
             f"clustered_network.py: error: nothing to resume in {resume_folder} (the sweep "
             f"finished, or never started with this --out)"
         )
+    # pypet's resume loads the whole trajectory the generic way (and unpickles the resume folder,
+    # which this script wrote): refuse a damaged file, or one with content that would run code.
+    exit_if_unreadable("--resume", filename, nodes=ALL_NODES)
     env = make_environment(args, filename, resume_folder)
     try:
         env.resume(trajectory_name=TRAJECTORY_NAME, resume_folder=resume_folder)
@@ -1018,12 +1190,19 @@ def resume_sweep(args, filename, resume_folder):
 def report(filename, plots):
     """Print the table, and draw and list the figures."""
     traj = load_sweep(filename)
-    rows = sweep_rows(traj)
-    print(format_table(rows))
-    print(f"HDF5 file: {os.path.abspath(filename)}")
-    if plots:
-        for path in plot_all(traj, rows, os.path.dirname(os.path.abspath(filename))):
-            print(f"figure: {os.path.abspath(path)}")
+    try:
+        rows = sweep_rows(traj)
+        print(format_table(rows))
+        print(f"HDF5 file: {os.path.abspath(filename)}")
+        paths = plot_all(traj, rows, os.path.dirname(os.path.abspath(filename))) if plots else []
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as error:
+        # HDF5 has no checksums here: a damaged file can load with items missing or garbled.
+        raise SweepFileError(
+            f"{filename}: damaged, its results are not what this script stores: "
+            f"{_first_line(error)}"
+        ) from error
+    for path in paths:
+        print(f"figure: {os.path.abspath(path)}")
 
 
 def main(argv=None):
@@ -1032,7 +1211,11 @@ def main(argv=None):
     # simulate their copies), which Brian2 would warn about at exit.
     BrianLogger.suppress_name("unused_brian_object")
     if args.replot:
-        report(args.replot, plots=True)
+        try:
+            report(args.replot, plots=True)
+        except SweepFileError as error:  # passed the check, but pypet could not read it
+            print(f"clustered_network.py: error: --replot: {error}", file=sys.stderr)
+            return 1
         return 0
 
     os.makedirs(args.out, exist_ok=True)
@@ -1053,8 +1236,49 @@ def main(argv=None):
     return 0
 
 
+def scoop_root():
+    """True in SCOOP's root worker, the process that runs main() under ``python -m scoop``."""
+    scoop = sys.modules.get("scoop")  # imported by SCOOP's bootstrap before this script
+    return scoop is not None and scoop.IS_RUNNING and scoop.IS_ORIGIN
+
+
+def fail_scoop_command():
+    """Make ``python -m scoop`` exit non-zero; the failed root worker runs this as it exits.
+
+    SCOOP 0.7.2 takes the command's exit status from the process that started the root worker
+    (``scoop.launch``), which exits 0 whatever the root's status: only a launch process ended by a
+    signal fails the command. So the root ends its sibling workers, as the launch process would
+    have, then the launch process, and then itself at once: the launcher now closes SCOOP's
+    brokers, and the root's remaining clean-up would wait for them forever. Workers on other hosts
+    end when the launcher closes their ssh.
+    """
+    launch = os.getppid()
+    try:
+        with open(f"/proc/{launch}/cmdline", "rb") as handle:
+            if b"scoop.launch" not in handle.read():
+                return
+        with open(f"/proc/{launch}/task/{launch}/children") as handle:
+            siblings = [int(pid) for pid in handle.read().split() if int(pid) != os.getpid()]
+    except OSError:  # no /proc (not Linux): the error is printed, the command exits 0
+        return
+    for pid in siblings:
+        os.kill(pid, signal.SIGTERM)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(launch, signal.SIGTERM)
+    os._exit(1)
+
+
 if __name__ == "__main__":
-    exit_code = main()
-    if exit_code:
-        # Only on failure: SCOOP reports even sys.exit(0) from its root worker as an error.
-        sys.exit(exit_code)
+    if scoop_root():
+        # SCOOP prints a SystemExit of its root worker as a traceback and drops its status.
+        try:
+            failed = main() != 0
+        except SystemExit as stop:
+            failed = stop.code not in (None, 0)
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+        if failed:
+            atexit.register(fail_scoop_command)
+    else:
+        sys.exit(main())

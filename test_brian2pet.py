@@ -4,9 +4,13 @@ Real Brian2 networks on the numpy target, real HDF5 files in pytest's temporary 
 Sections follow the module: units, containers, drop-in names, runner, manager.
 """
 
+import contextlib
 import inspect
 import logging
 import os
+import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +34,14 @@ from brian2 import (
     second,
 )
 import pypet.brian2.parameter as pypet_brian2  # the anchor, for file compatibility
-from pypet import Environment, Result, Trajectory, load_trajectory
+from pypet import (
+    Environment,
+    PickleParameter,
+    PickleResult,
+    Result,
+    Trajectory,
+    load_trajectory,
+)
 
 import brian2pet
 import clustered_network as cn
@@ -1128,6 +1139,13 @@ def test_scoop_stores_the_same_numbers_as_one_process(reference_numbers, tmp_pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_numbers(stored_numbers(str(tmp_path / cn.HDF5_NAME)), reference_numbers)
+    assert_every_run_completed(tmp_path / cn.HDF5_NAME)
+
+
+def assert_every_run_completed(filename):
+    traj = cn.load_sweep(str(filename))
+    assert len(traj.f_get_run_names()) == len(R_TINY)
+    assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
 
 
 def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_path):
@@ -1166,3 +1184,308 @@ def test_resume_refuses_while_the_sweep_is_alive(tmp_path):
         done = run_script("--resume", "--out", str(tmp_path))
     assert done.returncode != 0
     assert "still running" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Files from elsewhere: loading a sweep never unpickles; damaged files get one line
+# Crafted files are copies of the reference sweep to which pypet itself adds a payload: an object
+# whose unpickling creates a marker file, a visible stand-in for code that a file could run.
+# --------------------------------------------------------------------------------------------------
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickled, it opens (creates) the marker file
+        return open, (self.marker, "w")
+
+
+def add_pickle_result(traj, marker):
+    return traj.f_add_result(
+        PickleResult, "results.runs.run_00000001.statistics.payload", Payload(marker)
+    )
+
+
+def add_pickle_parameter(traj, marker):
+    return traj.f_add_parameter(PickleParameter, "connections.payload", Payload(marker))
+
+
+def add_pickled_item_to_a_run(traj, marker):
+    # A plain Result may hold a pandas frame; pypet stores it through pandas, which pickles the
+    # objects of an object column.
+    import pandas
+
+    return traj.f_add_result(
+        Result, "results.runs.run_00000001.statistics.table", pandas.DataFrame({"x": [Payload(marker)]})
+    )
+
+
+def add_pickled_annotation_to_a_run(traj, marker):
+    # Annotations become HDF5 attributes; PyTables pickles an object and unpickles it on opening.
+    rates = traj.f_get("results.runs.run_00000001.statistics.rates")
+    rates.v_annotations.f_set(note=Payload(marker))
+    return rates
+
+
+CRAFTED = {
+    "PickleResult": (add_pickle_result, "results.runs.run_00000001.statistics.payload"),
+    "PickleParameter": (add_pickle_parameter, "parameters.connections.payload"),
+    "pickled frame in a run": (add_pickled_item_to_a_run,
+                               "results.runs.run_00000001.statistics.table"),
+    "pickled attribute in a run": (add_pickled_annotation_to_a_run,
+                                   "results.runs.run_00000001.statistics.rates"),
+}
+SWEEP_CLASSES = [Brian2Parameter, Brian2Result, Brian2MonitorResult]
+
+
+def crafted_sweep(reference, tmp_path, add, marker):
+    filename = tmp_path / "crafted.hdf5"
+    shutil.copyfile(reference[0] / cn.HDF5_NAME, filename)
+    traj = Trajectory(cn.TRAJECTORY_NAME, add_time=False, filename=str(filename),
+                      dynamic_imports=SWEEP_CLASSES)
+    traj.f_load(load_parameters=2, load_derived_parameters=2, load_results=1, force=True)
+    traj.f_store_item(add(traj, marker))
+    assert not marker.exists()  # storing pickles; nothing ran yet
+    return filename
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_replot_refuses_pickled_content_and_runs_nothing(reference, tmp_path, case):
+    add, node = CRAFTED[case]
+    marker = tmp_path / "payload-ran"
+    filename = crafted_sweep(reference, tmp_path, add, marker)
+
+    done = run_script("--replot", str(filename))
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"{filename}: {node}:" in done.stderr and "refused" in done.stderr
+    with pytest.raises(cn.SweepFileError, match=node.replace(".", r"\.")):
+        cn.load_sweep(str(filename))
+    assert not marker.exists()
+    assert not list(tmp_path.glob("*.png"))
+
+    # The payload is live: pypet's generic loading runs it (here, it creates the marker).
+    load_trajectory(cn.TRAJECTORY_NAME, filename=str(filename), load_all=2,
+                    dynamic_imports=SWEEP_CLASSES + [PickleParameter])
+    assert marker.exists()
+
+
+def test_no_pickle_can_name_a_global_while_a_file_is_read(tmp_path):
+    marker = tmp_path / "payload-ran"
+    dump = pickle.dumps(Payload(marker))
+    with cn.pickles_refused():
+        with pytest.raises(cn.SweepFileError, match="refused to unpickle"):
+            pickle.loads(dump)
+        assert pickle.loads(pickle.dumps([1, "text"])) == [1, "text"]  # plain data needs no global
+    assert not marker.exists()
+    pickle.loads(dump)  # outside the block pickles work as before
+    assert marker.exists()
+
+
+def test_the_sweep_loads_only_parameters_and_run_results(reference):
+    traj = cn.load_sweep(str(reference[0] / cn.HDF5_NAME))
+    branches = {leaf.v_full_name.split(".")[0] for leaf in traj.f_iter_leaves()}
+    assert branches == {"config", "parameters", "results"}
+    # config: only pypet's storage settings, read with the run information from the overview
+    assert all(name.startswith("config.hdf5.") for name in traj.f_get_config())
+    assert all(leaf.v_full_name.startswith("results.runs.") for leaf in traj.f_iter_leaves()
+               if leaf.v_full_name.startswith("results"))
+    assert all(not leaf.f_is_empty() for leaf in traj.f_iter_leaves())
+
+
+def damaged_copy(reference, tmp_path):
+    """The reference sweep cut short at two thirds, as by a crash or an interrupted copy."""
+    data = (reference[0] / cn.HDF5_NAME).read_bytes()
+    filename = tmp_path / "cut.hdf5"
+    filename.write_bytes(data[: len(data) * 2 // 3])
+    return filename
+
+
+def test_replot_of_a_damaged_file_says_so_in_one_line(reference, tmp_path):
+    filename = damaged_copy(reference, tmp_path)
+    done = run_script("--replot", str(filename))
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"--replot: {filename}: damaged" in done.stderr and "truncated file" in done.stderr
+
+
+def test_resume_of_a_damaged_file_says_so_in_one_line(reference, tmp_path):
+    out = tmp_path / "out"
+    (out / "resume" / cn.TRAJECTORY_NAME).mkdir(parents=True)
+    (out / "resume" / cn.TRAJECTORY_NAME / "environment.ecnt").write_bytes(b"")
+    damaged_copy(reference, tmp_path).rename(out / cn.HDF5_NAME)
+    done = run_script("--resume", "--no-plots", "--out", str(out))
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"--resume: {out / cn.HDF5_NAME}: damaged" in done.stderr
+
+
+def test_replot_of_another_programs_hdf5_file_says_so_in_one_line(tmp_path):
+    other = tmp_path / "other.hdf5"
+    with tables.open_file(str(other), "w") as h5:
+        group = h5.create_group("/", "clustered_network")  # the name, but not pypet's layout
+        h5.create_array(group, "numbers", np.arange(3))
+    done = run_script("--replot", str(other))
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "holds no 'clustered_network' sweep" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# SCOOP: a failed run fails the command; several hosts, made in the test as network namespaces
+# --------------------------------------------------------------------------------------------------
+
+
+def processes_mentioning(text):
+    """Pids of live processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if text.encode() in handle.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_failed_run_under_scoop_fails_the_command(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "scoop", "-n", "2", SCRIPT, "--scale", "0.1", "--r-ee", "1.0", "2.5",
+         "--initial", "0.05", "--measure", "0.1", "--target", "numpy", "--no-plots",
+         "--fail-run", "1", "--scoop", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=HERE,
+    )
+    assert done.returncode != 0
+    assert "clustered_network.py: error: run 1 (R_ee = 2.5) failed" in done.stderr
+    assert "SystemExit" not in done.stderr
+    assert [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(out / cn.HDF5_NAME)))] == [0]
+    assert processes_mentioning(str(out)) == []  # no worker of the sweep outlived the command
+
+
+def cannot_make_hosts():
+    """Why this machine cannot make two hosts in a test, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and sshd)"
+    for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    if not os.access("/usr/sbin/sshd", os.X_OK):
+        return "needs /usr/sbin/sshd (Debian's openssh-server; .ci/run installs it)"
+    return None
+
+
+class Hosts:
+    """Two hosts on one machine: each a network namespace with its own host name (a UTS
+    namespace) and an sshd, joined by a veth pair; the test's key logs in as this user."""
+
+    def __init__(self, folder):
+        tag = f"b2p{os.getpid() % 100000}"
+        self.folder = folder
+        self.namespaces = [f"{tag}a", f"{tag}b"]
+        self.addresses = ["10.213.7.1", "10.213.7.2"]
+        self.names = ["b2p-host-a", "b2p-host-b"]
+        self.sshd = []
+        self.ssh = folder / "ssh"
+
+    def run(self, *command):
+        subprocess.run(command, check=True, capture_output=True, text=True)
+
+    def start(self):
+        folder = self.folder
+        for key in ("client_key", "host_key"):
+            self.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key))
+        (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+        (folder / "sshd_config").write_text(
+            f"HostKey {folder / 'host_key'}\n"
+            f"AuthorizedKeysFile {folder / 'authorized_keys'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "StrictModes no\nPermitRootLogin prohibit-password\nPidFile none\n"
+            "AllowTcpForwarding yes\n"
+        )
+        self.ssh.write_text(
+            "#!/bin/sh\n"
+            f"exec ssh -F /dev/null -i {folder / 'client_key'} -o IdentitiesOnly=yes "
+            "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes "
+            '-o LogLevel=ERROR "$@"\n'
+        )
+        self.ssh.chmod(0o755)
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+
+        a, b = self.namespaces
+        for namespace in self.namespaces:
+            self.run("ip", "netns", "add", namespace)
+        self.run("ip", "link", "add", f"{a}v", "netns", a, "type", "veth",
+                 "peer", "name", f"{b}v", "netns", b)
+        for namespace, address in zip(self.namespaces, self.addresses):
+            self.run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", f"{namespace}v")
+            self.run("ip", "-n", namespace, "link", "set", f"{namespace}v", "up")
+            self.run("ip", "-n", namespace, "link", "set", "lo", "up")
+        for namespace, name in zip(self.namespaces, self.names):
+            sshd = subprocess.Popen(
+                ["ip", "netns", "exec", namespace, "unshare", "--uts", "sh", "-c",
+                 f"hostname {name} && exec /usr/sbin/sshd -D -e -f {folder / 'sshd_config'}"],
+                stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )
+            self.sshd.append(sshd)
+            said = []
+            for line in sshd.stderr:  # sshd says when it listens; EOF if it fails to start
+                said.append(line)
+                if line.startswith("Server listening on"):
+                    break
+            else:
+                raise RuntimeError(f"sshd in {namespace} did not start: {''.join(said)}")
+
+    def stop(self):
+        for sshd in self.sshd:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(sshd.pid, signal.SIGTERM)
+            sshd.wait()
+        for namespace in self.namespaces:
+            # Whatever still runs in a namespace this test made (ssh sessions, workers) is its own.
+            pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                                  text=True).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            # Deleting a namespace deletes its end of the veth pair, and so the pair.
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    reason = cannot_make_hosts()
+    if reason:
+        pytest.skip(reason)
+    hosts = Hosts(tmp_path)
+    try:
+        try:
+            hosts.start()
+        except subprocess.CalledProcessError as error:
+            if not hosts.sshd and "netns" in " ".join(error.cmd):
+                pytest.skip(f"this machine cannot make network namespaces: {error.stderr.strip()}")
+            raise
+        yield hosts
+    finally:
+        hosts.stop()
+
+
+def test_sweep_across_two_hosts_stores_the_same_numbers(reference_numbers, two_hosts, tmp_path):
+    # Launched on the first host, which is also in the hostfile: SCOOP then needs --tunnel.
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("".join(f"{address} 1\n" for address in two_hosts.addresses))
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["ip", "netns", "exec", two_hosts.namespaces[0], sys.executable, "-m", "scoop",
+         "--hostfile", str(hostfile), "-n", "2", "--tunnel", "--ssh-executable", str(two_hosts.ssh),
+         SCRIPT, *TINY, "--scoop", "--no-plots", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=HERE,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_numbers(stored_numbers(str(out / cn.HDF5_NAME)), reference_numbers)
+    assert_every_run_completed(out / cn.HDF5_NAME)
+    ran_on = re.findall(r"^run \d+/\d+ done in \d+ s on (\S+):", done.stdout, re.MULTILINE)
+    assert len(ran_on) >= len(R_TINY)
+    assert two_hosts.names[1] in ran_on, ran_on  # at least one run on the second host
