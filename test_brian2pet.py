@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import brian2
 import numpy as np
@@ -1266,7 +1267,7 @@ def test_replot_refuses_pickled_content_and_runs_nothing(reference, tmp_path, ca
     assert not list(tmp_path.glob("*.png"))
 
     # The payload is live: pypet's generic loading runs it (here, it creates the marker).
-    load_trajectory(cn.TRAJECTORY_NAME, filename=str(filename), load_all=2,
+    load_trajectory(cn.TRAJECTORY_NAME, filename=str(filename), load_data=2,
                     dynamic_imports=SWEEP_CLASSES + [PickleParameter])
     assert marker.exists()
 
@@ -1369,7 +1370,7 @@ def cannot_make_hosts():
     """Why this machine cannot make two hosts in a test, or None."""
     if os.geteuid() != 0:
         return "needs root (network namespaces and sshd)"
-    for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
+    for tool in ("ip", "unshare", "hostname", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
     if not os.access("/usr/sbin/sshd", os.X_OK):
@@ -1437,6 +1438,8 @@ class Hosts:
                     break
             else:
                 raise RuntimeError(f"sshd in {namespace} did not start: {''.join(said)}")
+            # sshd logs every login to stderr: keep reading, so that it never waits on a full pipe.
+            threading.Thread(target=sshd.stderr.read, daemon=True).start()
 
     def stop(self):
         for sshd in self.sshd:
