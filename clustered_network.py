@@ -41,6 +41,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 
 import numpy as np
 from brian2 import (
@@ -1278,6 +1279,9 @@ if __name__ == "__main__":
             failed = stop.code not in (None, 0)
             if isinstance(stop.code, str):
                 print(stop.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            failed = True
         if failed:
             atexit.register(fail_scoop_command)
     else:
