@@ -1,22 +1,30 @@
-"""The clustered balanced network of Litwin-Kumar & Doiron (2012), explored over R_ee with brian2pet.
+"""The clustered balanced network of Litwin-Kumar & Doiron (2012), two experiments with brian2pet.
 
-Reproduces the main finding of
+Reproduces the main findings of
 
     A. Litwin-Kumar and B. Doiron, "Slow dynamics and high variability in balanced cortical
     networks with clustered connections", Nature Neuroscience 15, 1498-1505 (2012):
 
 4000 excitatory (E) and 1000 inhibitory (I) integrate-and-fire neurons, with E neurons grouped into
-clusters of 80 that connect R_ee times more densely within than between clusters. In the uniform
-network (R_ee = 1) spike counts are less variable than Poisson: the Fano factor (FF) stays below 1
-and falls with the counting window. With clusters (R_ee around 2.5) clusters switch slowly between
-high and low activity, so the FF rises above 1 and grows with the window. Above R_ee of about 3 a
-few clusters lock into high activity and the FF collapses again.
+clusters of 80 that connect R_ee times more densely within than between clusters.
 
-Run ``python clustered_network.py --help`` for the options. The default sweep (scale 1.0, R_ee from
-1.0 to 3.5, 10 s measured per run) writes ``results/clustered_network.hdf5`` and PNG figures beside
-it, and prints a table of rates and Fano factors. ``--ncores N`` runs the sweep in N processes,
-``python -m scoop -n N clustered_network.py --scoop`` on several hosts, ``--resume`` continues a
-sweep that was killed, and ``--replot FILE`` redraws the figures from a stored file.
+Experiment 1, the sweep over R_ee (trajectory ``clustered_network``). In the uniform network
+(R_ee = 1) spike counts are less variable than Poisson: the Fano factor (FF) stays below 1 and falls
+with the counting window. With clusters (R_ee around 2.5) clusters switch slowly between high and
+low activity, so the FF rises above 1 and grows with the window; spike counts are then strongly
+correlated within a cluster but hardly at all on average. Above R_ee of about 3 a few clusters lock
+into high activity and the FF collapses again.
+
+Experiment 2, a stimulus to a few clusters (trajectory ``stimulus_response``). One network at
+R_ee = 2.5 is built and pre-run once; every run starts from that state, rests, then raises the
+input of the E neurons of 5 clusters. The stimulus quenches the variability: the FF drops at
+stimulus onset, as Churchland et al. (2010) found across cortex, while the rate rises only a little.
+
+Run ``python clustered_network.py --help`` for the options. By default both experiments run at scale
+1.0 on every core, write ``results/clustered_network.hdf5`` and PNG figures beside it, and print a
+table per experiment. ``--experiment`` picks one, ``python -m scoop -n N clustered_network.py
+--scoop`` runs on several hosts, ``--resume`` continues experiments that were killed, and
+``--replot FILE`` redraws the figures from a stored file.
 
 Speed: the objects that run every time step use Brian2's cython target when a C compiler works
 (``--target auto``, compiled once into Brian2's cache), numpy otherwise (about three times slower
@@ -24,8 +32,10 @@ per run). Code that runs once, such as drawing the synapses, always uses numpy, 
 run is the same for every target.
 
 The file reads top to bottom as the brian2pet documentation's main script does (spec 7.3):
-parameters and model helpers, components (neurons, connections), the runner, analysers (monitors,
-Fano factor), reading a stored sweep back, figures, and ``main()``.
+parameters and model helpers; components (neurons, connections, stimulus); runners; analysers
+(activity guard, monitors, Fano factor, correlations, quenching); one main function per experiment;
+then the operational parts: reading stored experiments back, figures, the command line with files,
+locking and resume, and ``main()``.
 """
 
 import argparse
@@ -1329,10 +1339,10 @@ def plot_stimulus_raster(row, t_onset, cluster_size, filename, seconds=2.0):
     shown = np.abs(t) < seconds
     fig, ax = plt.subplots(figsize=(10, 6))
     for cluster in row["clusters"]:
-        ax.axhspan(cluster * cluster_size, (cluster + 1) * cluster_size, color="C3", alpha=0.15,
+        ax.axhspan(cluster * cluster_size, (cluster + 1) * cluster_size, color="C3", alpha=0.25,
                    lw=0)
     ax.plot(t[shown], np.asarray(spikes.i)[shown], ",k", rasterized=True)
-    ax.axvline(0.0, color="C3", lw=1)
+    ax.axvline(0.0, color="C3", lw=0.8)
     ax.set_xlim(-seconds, seconds)
     ax.set_xlabel("time from stimulus onset (s)")
     ax.set_ylabel(f"E neuron (clusters of {cluster_size} in order; stimulated shaded)")

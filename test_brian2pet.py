@@ -785,8 +785,9 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
 
 
 
-def test_a_pickled_manager_travels_without_brian2_objects():
-    """pypet pickles the run function for resumable runs and SCOOP; Brian2 objects cannot go along."""
+def test_a_pickled_manager_travels_without_brian2_objects_and_redoes_the_pre_build():
+    """pypet pickles the run function for resumable runs and SCOOP; Brian2 objects cannot go along,
+    so the copy pre-builds again in its own process before its first run (and only then)."""
     import pickle
 
     log = []
@@ -797,9 +798,15 @@ def test_a_pickled_manager_travels_without_brian2_objects():
     manager.run_network(traj)  # the original now holds a network of its pre-built group
     copy = pickle.loads(pickle.dumps(manager))
     assert copy._brian_list == [] and copy._network is None and manager._network is not None
-    copy.components[0].makes_group = "build"  # the copy's components build everything per run
+    copy_log = copy.analysers[0].log  # its own log, copied
+    del copy_log[:]
     copy.run_network(traj)
-    assert subruns_seen(copy.analysers[0].log) == ["first", "first"]  # its own log, copied
+    copy.run_network(traj)
+    calls = [entry[:2] for entry in copy_log if entry[1] in ("pre_build", "build")]
+    assert calls[:5] == [(p, "pre_build") for p in ["c1", "c2", "a1", "a2", "runner"]]
+    assert calls[5:] == [(p, "build") for p in ["c1", "c2", "a1", "a2", "runner"]] * 2
+    assert len(copy._brian_list) == 1 and set(copy._network.objects) == set(copy._brian_list)
+    assert subruns_seen(copy_log) == ["first", "first"]
     manager.run_network(traj)  # the original is untouched by the pickling
     assert subruns_seen(log) == ["first", "first"]
 
