@@ -710,7 +710,8 @@ class NetworkManager(HasLogger):
         # The redo happens in the copy's process with the run's trajectory: it gives the same
         # objects and state when the components seed their random draws from parameters (as
         # clustered_network.py's do) and read no explored parameter in pre_build or the pre-run,
-        # which by the spec's meaning (7.3) are the same for every run anyway.
+        # which by the spec's meaning (7.3) are the same for every run anyway. (A result added
+        # during the pre-run would be added again, now to the copy's first run.)
         state = dict(super().__getstate__())
         done = "pre_run" if self._pre_run else "pre_build" if self._pre_built else None
         state.update(

@@ -76,9 +76,11 @@ from brian2pet import (
     NetworkRunner,
 )
 
-TRAJECTORY_NAME = "clustered_network"
+TRAJECTORY_NAME = "clustered_network"  # experiment 1, the sweep over R_ee
+STIMULUS_TRAJECTORY_NAME = "stimulus_response"  # experiment 2, in the same file
 HDF5_NAME = "clustered_network.hdf5"
 DEFAULT_R_EE = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+DEFAULT_STRENGTHS = (0.0, 0.07, 0.15)  # stimulus strengths: rise of mu of the stimulated E neurons
 FANO_WINDOWS_MS = (100, 250, 500, 1000)
 CLUSTER_SIZE = 80  # E neurons per cluster
 P_EE = 0.2  # mean E to E connection probability: K = P_EE * N_e inputs
@@ -880,10 +882,15 @@ class CNQuenchingAnalyser(CNFanoFactorComputer):
         print_done(
             traj, network_dict,
             f"FF {float(windows[-1] / ms):g}ms {stats['ff_spontaneous'][-1]:.2f} -> "
-            f"{stats['ff_stimulus'][-1]:.2f}, E rate "
-            f"{float(stats['rate_spontaneous'] / Hz):.2f} -> {float(stats['rate_stimulus'] / Hz):.2f} Hz",
+            f"{stats['ff_stimulus'][-1]:.2f}, E rate {float(stats['rate_spontaneous'] / Hz):.2f} "
+            f"-> {float(stats['rate_stimulus'] / Hz):.2f} Hz",
         )
 
+
+# ---------------------------------------------------------------------------------------------------
+# The experiments: one main function each, following the spec's main script (7.3). Both store their
+# trajectory in the same HDF5 file. Operational helpers (environment, files, resume) come later.
+# ---------------------------------------------------------------------------------------------------
 
 class CNNetworkManager(NetworkManager):
     """brian2pet's manager, whose failing run raises an error naming the run and its explored values.
@@ -904,16 +911,7 @@ class CNNetworkManager(NetworkManager):
 
 
 class RunFailed(RuntimeError):
-    """One run of the sweep raised; the message names the run and its explored values."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# The experiments: one main function each, following the spec's main script (7.3). Both store their
-# trajectory in the same HDF5 file. Operational helpers (environment, files, resume) come later.
-# ---------------------------------------------------------------------------------------------------
-
-STIMULUS_TRAJECTORY_NAME = "stimulus_response"
-DEFAULT_STRENGTHS = (0.0, 0.07, 0.15)
+    """One run of an experiment raised; the message names the run and its explored values."""
 
 
 def add_simulation_parameters(traj, args):
@@ -1427,7 +1425,8 @@ def parse_args(argv=None):
     parser.add_argument("--measure", type=_positive(float), default=10.0,
                         help="seconds of the measured run (default 10)")
     parser.add_argument("--initial", type=_positive(float), default=0.5,
-                        help="seconds of the initial, unmeasured run (default 0.5)")
+                        help="seconds of the initial, unmeasured run; in the stimulus experiment the "
+                             "pre-run (default 0.5)")
     parser.add_argument("--stimulus-r-ee", type=_positive(float), default=2.5, metavar="R",
                         help="R_ee of the stimulus experiment's network (default 2.5)")
     parser.add_argument("--strengths", type=float, nargs="*", default=list(DEFAULT_STRENGTHS),
@@ -1450,11 +1449,11 @@ def parse_args(argv=None):
                         help="folder for the HDF5 file and figures (default results/)")
     parser.add_argument("--no-plots", action="store_true", help="draw no figures")
     parser.add_argument("--replot", metavar="FILE",
-                        help="redraw the figures and table from a stored HDF5 file, no simulation")
+                        help="redraw the figures and tables from a stored HDF5 file, no simulation")
     parser.add_argument("--scoop", action="store_true",
                         help="run under SCOOP: python -m scoop -n N clustered_network.py --scoop")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep stored in --out")
+                        help="continue the interrupted experiments stored in --out")
     parser.add_argument("--fail-run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1618,6 +1617,7 @@ def run_experiments(args, filename, resume_folder):
         os.remove(filename)
     for experiment in chosen:
         name, run = EXPERIMENTS[experiment]
+        release_freed_memory()  # the previous experiment's network, before this one builds its own
         if args.resume and has_resume_files(resume_folder, name):
             print(f"resuming '{name}'", flush=True)
             resume_experiment(args, filename, resume_folder, name)
