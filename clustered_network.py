@@ -1062,8 +1062,8 @@ def explored_values(traj, name):
     return [values[idx] if len(values) > 1 else values[0] for idx in range(len(traj))]
 
 
-def cancelled_runs(traj, explored_name):
-    """(index, explored value, reason) of every run that the activity guard cancelled."""
+def pathological_runs(traj, explored_name):
+    """(index, value of ``explored_name``, reason) of every run the activity guard flagged."""
     values = explored_values(traj, explored_name)
     cancelled = []
     for idx, run_name in enumerate(traj.f_get_run_names()):
@@ -1076,7 +1076,7 @@ def cancelled_runs(traj, explored_name):
 def sweep_rows(traj):
     """One dict per finished run: index, R_ee, rates (Hz), windows (s), ff, mean_ff, the mean
     correlations (r_same, r_other, r_all) and the run group. Failed, cancelled and unfinished runs
-    have no row (see cancelled_runs)."""
+    have no row (pathological_runs lists those the guard cancelled)."""
     values = explored_values(traj, "connections.R_ee")
     rows = []
     for idx, run_name in enumerate(traj.f_get_run_names()):
@@ -1103,7 +1103,7 @@ def sweep_rows(traj):
     return rows
 
 
-def format_table(rows, cancelled=()):
+def format_table(rows, pathological=()):
     """The sweep's table: R_ee, rates, FF per window and mean correlations, one line per run."""
     lines = []
     if rows:
@@ -1120,7 +1120,7 @@ def format_table(rows, cancelled=()):
             )
     else:
         lines.append("no finished runs")
-    lines += [f"{idx:>4} {r_ee:>5.2f} cancelled: {reason}" for idx, r_ee, reason in cancelled]
+    lines += [f"{idx:>4} {r_ee:>5.2f} pathological: {reason}" for idx, r_ee, reason in pathological]
     return "\n".join(lines)
 
 
@@ -1149,7 +1149,7 @@ def stimulus_rows(traj):
     return rows
 
 
-def format_stimulus_table(rows, cancelled=()):
+def format_stimulus_table(rows, pathological=()):
     """The stimulus experiment's table: FF and E rate without -> with the stimulus, per strength."""
     lines = []
     if rows:
@@ -1168,7 +1168,7 @@ def format_stimulus_table(rows, cancelled=()):
         lines.append(f"(spontaneous -> stimulus; stimulated clusters {list(rows[0]['clusters'])})")
     else:
         lines.append("no finished runs")
-    lines += [f"{idx:>4} {s:>8.3f} cancelled: {reason}" for idx, s, reason in cancelled]
+    lines += [f"{idx:>4} {s:>8.3f} pathological: {reason}" for idx, s, reason in pathological]
     return "\n".join(lines)
 
 
@@ -1642,7 +1642,7 @@ def report(filename, plots):
         traj = load_sweep(filename, name)
         rows = rows_of(traj)
         print(f"\n{name}:")
-        print(format_rows(rows, cancelled_runs(traj, explored)))
+        print(format_rows(rows, pathological_runs(traj, explored)))
         if plots:
             for path in plot(traj, rows, folder):
                 print(f"figure: {os.path.abspath(path)}")

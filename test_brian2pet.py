@@ -1366,10 +1366,10 @@ def test_guard_cancels_a_pathological_run_and_the_others_go_on(tmp_path):
     # Tables and figures show the finished runs and name the cancelled one.
     rows = cn.sweep_rows(back)
     assert [row["idx"] for row in rows] == [0, 2]
-    cancelled = cn.cancelled_runs(back, "connections.J_ei")
+    cancelled = cn.pathological_runs(back, "connections.J_ei")
     assert [(idx, value) for idx, value, _ in cancelled] == [(1, 0.0)]
-    table = cn.format_table(rows, cancelled)
-    assert "   1 " in table and "cancelled: mean E rate" in table
+    table = cn.format_table(rows, cn.pathological_runs(back, "connections.R_ee"))
+    assert "   1  1.00 pathological: mean E rate" in table and "cancelled: measurement_run" in table
     assert len(cn.plot_all(back, rows, str(tmp_path))) == 7
 
 
