@@ -383,7 +383,7 @@ class CNConnections(NetworkComponent):
 
 
 def stimulated_clusters(n_clusters_total, n_stimulated, seed):
-    """The sorted indices of ``n_stimulated`` clusters drawn at random (without repeats) by ``seed``."""
+    """Sorted indices of ``n_stimulated`` clusters, drawn at random without repeats by ``seed``."""
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_clusters_total, size=n_stimulated, replace=False))
 
@@ -405,7 +405,9 @@ class CNStimulus(NetworkComponent):
 
     def add_parameters(self, traj):
         traj.v_standard_parameter = Brian2Parameter
-        traj.f_add_parameter("stimulus.strength", 0.0, comment="Rise of mu of the stimulated E neurons")
+        traj.f_add_parameter(
+            "stimulus.strength", 0.0, comment="Rise of mu of the stimulated E neurons (0: control)"
+        )
         traj.f_add_parameter("stimulus.n_clusters", 5, comment="Number of stimulated clusters")
         traj.f_add_parameter(
             "stimulus.cluster_seed", traj.simulation.seed,
@@ -433,6 +435,9 @@ class CNStimulus(NetworkComponent):
 
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
         if current_subrun.v_name == "stimulus":
+            # The object is in the network for the whole run (the manager put it there from
+            # brian_list); its active flag decides whether it runs, which Brian2 recommends over
+            # network.remove and network.add for pausing an object.
             network_dict["stimulus"].active = True
 
     def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
@@ -1033,7 +1038,8 @@ def check_sweep_file(filename):
     if not tables.is_hdf5_file(filename):
         raise ValueError(f"{filename}: not an HDF5 file")
     with tables.open_file(filename, "r") as h5:
-        names = [name for name, _ in EXPERIMENTS.values() if f"/{name}/parameters/connections" in h5]
+        names = [name for name, _ in EXPERIMENTS.values()
+                 if f"/{name}/parameters/connections" in h5]
     if not names:
         raise ValueError(f"{filename}: holds no '{TRAJECTORY_NAME}' sweep or "
                          f"'{STIMULUS_TRAJECTORY_NAME}' experiment of this script")
