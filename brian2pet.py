@@ -607,6 +607,7 @@ class NetworkManager(HasLogger):
         self._network = None  # the one network of the pre-built objects, once it exists
         self._state_name = None  # name of its stored state: "pre_build" or "pre_run"
         self._pre_built_objects = set()  # what that network holds at its stored state
+        self._redo = None  # in a pickled copy: "pre_build" or "pre_run", to redo before a run
         self._set_logger()
 
     def _parts(self):
@@ -665,6 +666,15 @@ class NetworkManager(HasLogger):
 
     def run_network(self, traj):
         """One run of the exploration: pass this to ``Environment.run`` (spec 7.3)."""
+        if self._redo is not None:
+            # A pickled copy (see __getstate__), in its new process: first redo what the original
+            # did before the runs, so this run starts from the same objects and state.
+            redo, self._redo = self._redo, None
+            self._logger.info(f"Redoing the original manager's {redo} in this process")
+            if redo == "pre_run":
+                self.pre_run_network(traj)
+            else:
+                self.pre_build(traj)
         brian_list, network_dict = self.build(traj)
         self._log_explored_values(traj)
         network = self._network_for_run(brian_list)
@@ -695,13 +705,18 @@ class NetworkManager(HasLogger):
     def __getstate__(self):
         # pypet pickles the run function, and with it this manager, for resumable explorations and
         # for SCOOP workers. Brian2 objects do not survive pickling, so a copy travels without what
-        # pre_build and the pre-run made: it is a manager that was never pre-built, and builds each
-        # run from build() alone. A component that pre-builds should then build in build() what
-        # network_dict lacks (clustered_network.py's CNNeuronGroup does).
+        # pre_build and the pre-run made, and instead remembers to redo them itself before its
+        # first run (run_network). Skipping the pre-run would start every run from the wrong state.
+        # The redo happens in the copy's process with the run's trajectory: it gives the same
+        # objects and state when the components seed their random draws from parameters (as
+        # clustered_network.py's do) and read no explored parameter in pre_build or the pre-run,
+        # which by the spec's meaning (7.3) are the same for every run anyway. (A result added
+        # during the pre-run would be added again, now to the copy's first run.)
         state = dict(super().__getstate__())
+        done = "pre_run" if self._pre_run else "pre_build" if self._pre_built else None
         state.update(
             _brian_list=[], _network_dict={}, _pre_built=False, _pre_run=False, _network=None,
-            _pre_built_objects=set(),
+            _state_name=None, _pre_built_objects=set(), _redo=self._redo or done,
         )
         return state
 

@@ -1,22 +1,30 @@
-"""The clustered balanced network of Litwin-Kumar & Doiron (2012), explored over R_ee with brian2pet.
+"""The clustered balanced network of Litwin-Kumar & Doiron (2012), two experiments with brian2pet.
 
-Reproduces the main finding of
+Reproduces the main findings of
 
     A. Litwin-Kumar and B. Doiron, "Slow dynamics and high variability in balanced cortical
     networks with clustered connections", Nature Neuroscience 15, 1498-1505 (2012):
 
 4000 excitatory (E) and 1000 inhibitory (I) integrate-and-fire neurons, with E neurons grouped into
-clusters of 80 that connect R_ee times more densely within than between clusters. In the uniform
-network (R_ee = 1) spike counts are less variable than Poisson: the Fano factor (FF) stays below 1
-and falls with the counting window. With clusters (R_ee around 2.5) clusters switch slowly between
-high and low activity, so the FF rises above 1 and grows with the window. Above R_ee of about 3 a
-few clusters lock into high activity and the FF collapses again.
+clusters of 80 that connect R_ee times more densely within than between clusters.
 
-Run ``python clustered_network.py --help`` for the options. The default sweep (scale 1.0, R_ee from
-1.0 to 3.5, 10 s measured per run) writes ``results/clustered_network.hdf5`` and PNG figures beside
-it, and prints a table of rates and Fano factors. ``--ncores N`` runs the sweep in N processes,
-``python -m scoop -n N clustered_network.py --scoop`` on several hosts, ``--resume`` continues a
-sweep that was killed, and ``--replot FILE`` redraws the figures from a stored file.
+Experiment 1, the sweep over R_ee (trajectory ``clustered_network``). In the uniform network
+(R_ee = 1) spike counts are less variable than Poisson: the Fano factor (FF) stays below 1 and falls
+with the counting window. With clusters (R_ee around 2.5) clusters switch slowly between high and
+low activity, so the FF rises above 1 and grows with the window; spike counts are then strongly
+correlated within a cluster but hardly at all on average. Above R_ee of about 3 a few clusters lock
+into high activity and the FF collapses again.
+
+Experiment 2, a stimulus to a few clusters (trajectory ``stimulus_response``). One network at
+R_ee = 2.5 is built and pre-run once; every run starts from that state, rests, then raises the
+input of the E neurons of 5 clusters. The stimulus quenches the variability: the FF drops at
+stimulus onset, as Churchland et al. (2010) found across cortex, while the rate rises only a little.
+
+Run ``python clustered_network.py --help`` for the options. By default both experiments run at scale
+1.0 on every core, write ``results/clustered_network.hdf5`` and PNG figures beside it, and print a
+table per experiment. ``--experiment`` picks one, ``python -m scoop -n N clustered_network.py
+--scoop`` runs on several hosts, ``--resume`` continues experiments that were killed, and
+``--replot FILE`` redraws the figures from a stored file.
 
 Speed: the objects that run every time step use Brian2's cython target when a C compiler works
 (``--target auto``, compiled once into Brian2's cache), numpy otherwise (about three times slower
@@ -24,8 +32,10 @@ per run). Code that runs once, such as drawing the synapses, always uses numpy, 
 run is the same for every target.
 
 The file reads top to bottom as the brian2pet documentation's main script does (spec 7.3):
-parameters and model helpers, components (neurons, connections), the runner, analysers (monitors,
-Fano factor), reading a stored sweep back, figures, and ``main()``.
+parameters and model helpers; components (neurons, connections, stimulus); runners; analysers
+(activity guard, monitors, Fano factor, correlations, quenching); one main function per experiment;
+then the operational parts: reading stored experiments back, figures, the command line with files,
+locking and resume, and ``main()``.
 """
 
 import argparse
@@ -47,6 +57,7 @@ import numpy as np
 from brian2 import (
     BrianLogger,
     Clock,
+    Hz,
     NeuronGroup,
     Quantity,
     SpikeMonitor,
@@ -70,9 +81,11 @@ from brian2pet import (
     NetworkRunner,
 )
 
-TRAJECTORY_NAME = "clustered_network"
+TRAJECTORY_NAME = "clustered_network"  # experiment 1, the sweep over R_ee
+STIMULUS_TRAJECTORY_NAME = "stimulus_response"  # experiment 2, in the same file
 HDF5_NAME = "clustered_network.hdf5"
 DEFAULT_R_EE = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
+DEFAULT_STRENGTHS = (0.0, 0.07, 0.15)  # stimulus strengths: rise of mu of the stimulated E neurons
 FANO_WINDOWS_MS = (100, 250, 500, 1000)
 CLUSTER_SIZE = 80  # E neurons per cluster
 P_EE = 0.2  # mean E to E connection probability: K = P_EE * N_e inputs
@@ -80,9 +93,10 @@ P_EE = 0.2  # mean E to E connection probability: K = P_EE * N_e inputs
 # Dimensionless membrane potential V: threshold 1, reset 0. Each source type drives a difference of
 # two exponentials (rise 1 ms; decay 3 ms for E, 2 ms for I) whose integral equals the weight, so a
 # weight is the total jump it gives to V. Inhibitory weights enter with a minus sign (see on_pre).
+# mu_stim is the rise of the bias that a stimulus gives (CNStimulus); it is 0 without one.
 # Constants are names, filled from `namespace=`, so that one code object serves every parameter value.
 NEURON_EQUATIONS = """
-dV/dt = (mu - V)/tau + I_syn_e + I_syn_i : 1 (unless refractory)
+dV/dt = (mu + mu_stim - V)/tau + I_syn_e + I_syn_i : 1 (unless refractory)
 I_syn_e = (x_e_decay - x_e_rise)/(tau_decay_e - tau_rise) : Hz
 I_syn_i = (x_i_decay - x_i_rise)/(tau_decay_i - tau_rise) : Hz
 dx_e_rise/dt = -x_e_rise/tau_rise : 1
@@ -90,6 +104,7 @@ dx_e_decay/dt = -x_e_decay/tau_decay_e : 1
 dx_i_rise/dt = -x_i_rise/tau_rise : 1
 dx_i_decay/dt = -x_i_decay/tau_decay_i : 1
 mu : 1 (constant)
+mu_stim : 1
 tau : second (constant)
 cluster : integer (constant)
 spike_count : integer
@@ -372,8 +387,73 @@ class CNConnections(NetworkComponent):
         return [from_e, from_i]
 
 
+def stimulated_clusters(n_clusters_total, n_stimulated, seed):
+    """Sorted indices of ``n_stimulated`` clusters, drawn at random without repeats by ``seed``."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_clusters_total, size=n_stimulated, replace=False))
+
+
+class CNStimulus(NetworkComponent):
+    """A stimulus: raises mu of the E neurons of a few clusters by ``stimulus.strength``.
+
+    The paper's stimulus experiment: the same network, at rest and then driven, for several
+    stimulus strengths (0 is the control). The stimulus is a Synapses object from each stimulated E
+    neuron onto itself that sets mu_stim through a summed variable. It is built in every run
+    (its strength is explored) and goes into brian_list, so the manager adds it to the network that
+    the pre-run left; pypet.brian2 would silently leave it out, and no run would see a stimulus.
+    It is built switched off; add_to_network switches it on for the ``stimulus`` subrun and
+    remove_from_network switches it off again.
+
+    network_dict:
+        Expects 'neurons_e'. Adds 'stimulus' (the Synapses) and 'stimulated_clusters' (indices).
+    """
+
+    def add_parameters(self, traj):
+        traj.v_standard_parameter = Brian2Parameter
+        traj.f_add_parameter(
+            "stimulus.strength", 0.0, comment="Rise of mu of the stimulated E neurons (0: control)"
+        )
+        traj.f_add_parameter("stimulus.n_clusters", 5, comment="Number of stimulated clusters")
+        traj.f_add_parameter(
+            "stimulus.cluster_seed", traj.simulation.seed,
+            comment="Seed of the random choice of the stimulated clusters",
+        )
+
+    def build(self, traj, brian_list, network_dict):
+        n_e = traj.parameters.model.N_e
+        size = traj.parameters.connections.cluster_size
+        clusters = stimulated_clusters(
+            n_e // size, traj.stimulus.n_clusters, stream_seed(traj.stimulus.cluster_seed, 3)
+        )
+        targets = np.flatnonzero(np.isin(cluster_labels(n_e, size), clusters))
+        neurons_e = network_dict["neurons_e"]
+        # The strength enters by name, so one code object serves every strength.
+        with codegen_target("numpy"):
+            stimulus = Synapses(
+                neurons_e, neurons_e, "mu_stim_post = strength : 1 (summed)",
+                namespace={"strength": traj.stimulus.strength}, name="stimulus",
+            )
+            stimulus.connect(i=targets, j=targets)
+        stimulus.active = False
+        brian_list.append(stimulus)
+        network_dict.update(stimulus=stimulus, stimulated_clusters=clusters)
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "stimulus":
+            # The object is in the network for the whole run (the manager put it there from
+            # brian_list); its active flag decides whether it runs, which Brian2 recommends over
+            # network.remove and network.add for pausing an object.
+            network_dict["stimulus"].active = True
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "stimulus":
+            network_dict["stimulus"].active = False
+            # An inactive summed variable stops updating its target, which keeps its last value.
+            network_dict["neurons_e"].mu_stim = 0
+
+
 # ---------------------------------------------------------------------------------------------------
-# The runner
+# Runners
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -399,9 +479,41 @@ class CNNetworkRunner(NetworkRunner):
         par.v_annotations.order = 1
 
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
-        if current_subrun.v_annotations.order == 0:
+        if not is_pre_run(current_subrun) and "wall_start" not in network_dict:
             network_dict["wall_start"] = time.time()
             print(f"run {traj.v_idx + 1}/{len(traj)} started: {explored_text(traj)}", flush=True)
+
+
+class CNStimulusRunner(CNNetworkRunner):
+    """The stimulus experiment's subruns: a pre-run that lets the network settle (run once, spec
+    7.3), then in every run a spontaneous period and a stimulus period of equal length."""
+
+    def __init__(self, settling_run=0.5 * second, period=5 * second):
+        super().__init__()
+        self.settling_run = settling_run
+        self.period = period
+
+    def add_parameters(self, traj):
+        par = traj.f_add_parameter(
+            Brian2Parameter, "simulation.pre_durations.settling_run", self.settling_run,
+            comment="Settling time, simulated once before all runs (the pre-run), not analysed",
+        )
+        par.v_annotations.order = 0
+        par = traj.f_add_parameter(
+            Brian2Parameter, "simulation.durations.spontaneous", self.period,
+            comment="Recorded without stimulus",
+        )
+        par.v_annotations.order = 0
+        par = traj.f_add_parameter(
+            Brian2Parameter, "simulation.durations.stimulus", self.period,
+            comment="Recorded with the stimulus switched on",
+        )
+        par.v_annotations.order = 1
+
+
+def is_pre_run(subrun):
+    """True for a subrun of the pre-run (spec 7.5: the runner takes those from pre_durations)."""
+    return subrun.v_full_name.startswith("parameters.simulation.pre_durations.")
 
 
 def explored_text(traj):
@@ -421,16 +533,76 @@ def is_measurement(subrun):
     return subrun.v_name == "measurement_run"
 
 
-class CNMonitorAnalysis(NetworkAnalyser):
-    """Records the measurement run: spikes of all E neurons, V and synaptic currents of a few E
-    neurons from two clusters, and the mean rates of E and I.
+class CNActivityGuard(NetworkAnalyser):
+    """Cancels the rest of a run whose E neurons fire pathologically fast (spec 7.5's example).
+
+    After every subrun of a run (not of the pre-run) it takes the mean E rate in that subrun from
+    the spike counts the neurons keep. Above ``analysis.max_rate_e`` it empties ``subrun_list``,
+    so the runner simulates nothing more in this run, and stores why. It is listed first among
+    the analysers, so that the analysers after it already see the emptied list: a run cancelled
+    before its measurement stores no measurement results at all.
 
     network_dict:
-        Expects 'neurons', 'neurons_e'. Adds 'monitors' (dict name -> monitor) and 'measurement'
-        (its start time and the spike counts at that time).
-    Results: monitors.spikes_e, monitors.V, monitors.I_syn_e, monitors.I_syn_i (Brian2MonitorResult),
-    statistics.rates (Brian2Result with e and i in Hz).
+        Expects 'neurons'. Adds 'guard' (time and E spike counts at the start of the subrun).
+    Results: statistics.pathological (Brian2Result: subrun, rate_e, max_rate_e, cancelled, reason),
+    only in a run where the rate was exceeded.
     """
+
+    def add_parameters(self, traj):
+        traj.f_add_parameter(
+            Brian2Parameter, "analysis.max_rate_e", 100 * Hz,
+            comment="Mean E rate above which a run is pathological and its later subruns cancelled",
+        )
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if not is_pre_run(current_subrun):
+            n_e = traj.parameters.model.N_e
+            network_dict["guard"] = (network.t, np.array(network_dict["neurons"].spike_count[:n_e]))
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if is_pre_run(current_subrun):
+            return
+        t_start, counts_start = network_dict["guard"]
+        n_e = traj.parameters.model.N_e
+        counts = np.array(network_dict["neurons"].spike_count[:n_e]) - counts_start
+        rate_e = counts.mean() / (network.t - t_start)
+        max_rate_e = traj.analysis.max_rate_e
+        if rate_e <= max_rate_e:
+            return
+        cancelled = ", ".join(subrun.v_name for subrun in subrun_list) or "nothing (last subrun)"
+        subrun_list.clear()  # the runner stops after this subrun (spec 7.5)
+        reason = (
+            f"mean E rate {float(rate_e / Hz):.1f} Hz in subrun {current_subrun.v_name} exceeds "
+            f"analysis.max_rate_e = {float(max_rate_e / Hz):g} Hz; cancelled: {cancelled}"
+        )
+        traj.f_add_result(
+            Brian2Result, "statistics.pathological", subrun=current_subrun.v_name, rate_e=rate_e,
+            max_rate_e=max_rate_e, cancelled=cancelled, reason=reason,
+            comment="Why the remaining subruns of this run were cancelled",
+        )
+        print(f"run {traj.v_idx + 1}/{len(traj)} cancelled: {explored_text(traj)}; {reason}",
+              flush=True)
+
+
+class CNMonitorAnalysis(NetworkAnalyser):
+    """Records the measured subruns: spikes of all E neurons, V and synaptic currents of a few E
+    neurons from two clusters, and the mean rates of E and I.
+
+    ``measured``: names of the recorded subruns, which follow each other (the sweep records its
+    measurement_run; the stimulus experiment its spontaneous and stimulus periods). The monitors go
+    in before the first and are stored and taken out after the last (or after the last that ran,
+    when the guard cancelled the rest).
+
+    network_dict:
+        Expects 'neurons', 'neurons_e'. Adds 'monitors' (dict name -> monitor), 'measurement'
+        (its start time and the spike counts at that time) and 'periods' (recorded subrun name ->
+        [start, end] time).
+    Results: monitors.spikes_e, monitors.V, monitors.I_syn_e, monitors.I_syn_i (Brian2MonitorResult),
+    statistics.rates (Brian2Result with e and i in Hz, over all recorded subruns).
+    """
+
+    def __init__(self, measured=("measurement_run",)):
+        self.measured = tuple(measured)
 
     def add_parameters(self, traj):
         size = traj.parameters.connections.cluster_size
@@ -443,9 +615,16 @@ class CNMonitorAnalysis(NetworkAnalyser):
             comment="Sampling step of the recorded traces",
         )
 
+    def _is_last(self, subrun_list):
+        """True when no recorded subrun is left to run."""
+        return not any(subrun.v_name in self.measured for subrun in subrun_list)
+
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
-        if not is_measurement(current_subrun):
+        if current_subrun.v_name not in self.measured:
             return
+        network_dict.setdefault("periods", {})[current_subrun.v_name] = [network.t, None]
+        if "monitors" in network_dict:
+            return  # recording since an earlier subrun
         neurons_e = network_dict["neurons_e"]
         record = list(traj.analysis.neuron_records)
         # Fixed names (Brian2 would number them per process) keep the stored data identical
@@ -467,7 +646,10 @@ class CNMonitorAnalysis(NetworkAnalyser):
         }
 
     def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
-        if not is_measurement(current_subrun):
+        if current_subrun.v_name not in self.measured:
+            return
+        network_dict["periods"][current_subrun.v_name][1] = network.t
+        if not self._is_last(subrun_list):
             return
         monitors = network_dict["monitors"]
         comments = {
@@ -490,32 +672,37 @@ class CNMonitorAnalysis(NetworkAnalyser):
         )
 
     def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
-        if is_measurement(current_subrun):
+        if current_subrun.v_name in self.measured and self._is_last(subrun_list):
             network.remove(*network_dict["monitors"].values())
+
+
+def spike_counts(spike_t, spike_i, n_neurons, t_start, t_stop, window):
+    """Spike counts, shape (n_neurons, windows): [t_start, t_stop) cut into whole windows (a
+    remainder is dropped). A spike on a window border (up to rounding) counts for the later one."""
+    t = _seconds(spike_t)
+    neuron = np.asarray(spike_i, dtype=np.int64)
+    t_start, t_stop, window = (float(_seconds(x)) for x in (t_start, t_stop, window))
+    n_bins = max(int(np.floor((t_stop - t_start) / window + 1e-9)), 0)
+    bins = np.floor((t - t_start) / window + 1e-9).astype(np.int64)
+    inside = (bins >= 0) & (bins < n_bins)
+    return np.bincount(
+        neuron[inside] * n_bins + bins[inside], minlength=n_neurons * n_bins
+    ).reshape(n_neurons, n_bins)
 
 
 def fano_factor(spike_t, spike_i, n_neurons, t_start, t_stop, windows):
     """Mean Fano factor of spike counts for each counting window.
 
-    The interval [t_start, t_stop) is cut into whole windows (a remainder is dropped). For every
-    neuron that fired in it, FF = variance / mean of its counts across windows (sample variance);
-    the result is the mean over those neurons, one value per window (NaN if fewer than two windows
-    fit or no neuron fired). Times may be Brian2 quantities or plain seconds.
+    The interval [t_start, t_stop) is cut into whole windows (see spike_counts). For every neuron
+    that fired in it, FF = variance / mean of its counts across windows (sample variance); the
+    result is the mean over those neurons, one value per window (NaN if fewer than two windows fit
+    or no neuron fired). Times may be Brian2 quantities or plain seconds.
     """
-    t = _seconds(spike_t)
-    neuron = np.asarray(spike_i, dtype=np.int64)
-    t_start, t_stop = float(_seconds(t_start)), float(_seconds(t_stop))
     result = np.full(len(windows), np.nan)
     for k, window in enumerate(np.atleast_1d(_seconds(windows))):
-        n_bins = int(np.floor((t_stop - t_start) / window + 1e-9))
-        if n_bins < 2:
+        counts = spike_counts(spike_t, spike_i, n_neurons, t_start, t_stop, window)
+        if counts.shape[1] < 2:
             continue
-        # The epsilon puts a spike that lies on a window border (up to rounding) into the later one.
-        bins = np.floor((t - t_start) / window + 1e-9).astype(np.int64)
-        inside = (bins >= 0) & (bins < n_bins)
-        counts = np.bincount(
-            neuron[inside] * n_bins + bins[inside], minlength=n_neurons * n_bins
-        ).reshape(n_neurons, n_bins)
         mean = counts.mean(axis=1)
         fired = mean > 0
         if fired.any():
@@ -567,21 +754,160 @@ class CNFanoFactorComputer(NetworkAnalyser):
             "statistics.mean_fano_factor", mean_ff,
             comment="Mean Fano factor of E spike counts at analysis.mean_fano_window",
         )
-        wall = time.time() - network_dict.get("wall_start", time.time())
         ff_text = " ".join(f"{w * 1000:g}ms:{f:.2f}" for w, f in zip(traj.analysis.fano_windows, ff))
-        print(
-            f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s on {socket.gethostname()}: "
-            f"{explored_text(traj)}; "
-            f"FF {ff_text}",
-            flush=True,
+        print_done(traj, network_dict, f"FF {ff_text}")
+
+
+def print_done(traj, network_dict, text):
+    wall = time.time() - network_dict.get("wall_start", time.time())
+    print(f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s on {socket.gethostname()}: "
+          f"{explored_text(traj)}; {text}", flush=True)
+
+
+def count_correlations(spike_t, spike_i, labels, t_start, t_stop, window, n_sample=2000, seed=0):
+    """Pearson correlations of spike counts between pairs of neurons, grouped by cluster.
+
+    ``labels`` gives each neuron's cluster (its length is the number of neurons). Counts are taken
+    in consecutive windows (see spike_counts); a neuron whose count never changes (a silent one)
+    has no correlation and is left out. Returns a dict: same_cluster, other_cluster and all (the
+    mean r over ALL such pairs; NaN if there are none), n_neurons (those taking part), and
+    sample_same_cluster / sample_other_cluster (r of up to ``n_sample`` random pairs of each kind,
+    drawn with ``seed``, for histograms).
+
+    No loop over pairs: with z the counts of each neuron standardised over windows, r of two
+    neurons is the mean over windows of z_a * z_b, so the sum of r over all pairs of a set of
+    neurons is (|sum of their z|^2 - sum of |z_a|^2) / (2 * windows), and |z_a|^2 = windows.
+    """
+    labels = np.asarray(labels)
+    counts = spike_counts(spike_t, spike_i, len(labels), t_start, t_stop, window).astype(float)
+    n_bins = counts.shape[1]
+    std = counts.std(axis=1) if n_bins > 1 else np.zeros(len(labels))
+    taking_part = std > 0
+    z = (counts[taking_part] - counts[taking_part].mean(axis=1, keepdims=True))
+    z /= std[taking_part, None]
+    labels = labels[taking_part]
+    n = len(z)
+    _, cluster_of = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(cluster_of)
+    per_cluster = np.zeros((len(sizes), n_bins))
+    np.add.at(per_cluster, cluster_of, z)
+
+    def pair_sum(total):
+        return (np.sum(total * total) - n * n_bins) / (2.0 * n_bins) if n else 0.0
+
+    sum_all, pairs_all = pair_sum(z.sum(axis=0)), n * (n - 1) / 2
+    sum_same, pairs_same = pair_sum(per_cluster), np.sum(sizes * (sizes - 1) / 2)
+
+    def mean(total, pairs):
+        return float(total / pairs) if pairs > 0 else float("nan")
+
+    # Samples for the histograms: every same-cluster r (one small matrix per cluster), of which a
+    # random subset is kept; pairs of different clusters drawn at random.
+    rng = np.random.default_rng(seed)
+    same = [np.zeros(0)]
+    for members in (np.flatnonzero(cluster_of == c) for c in range(len(sizes))):
+        same.append((z[members] @ z[members].T / n_bins)[np.triu_indices(len(members), 1)])
+    same = np.concatenate(same)
+    sample_same = rng.choice(same, size=min(n_sample, len(same)), replace=False)
+    a, b = rng.integers(0, max(n, 1), size=(2, 4 * n_sample))
+    other = np.flatnonzero(labels[a] != labels[b])[:n_sample] if n > 1 else np.zeros(0, int)
+    sample_other = np.mean(z[a[other]] * z[b[other]], axis=1)
+    return {
+        "same_cluster": mean(sum_same, pairs_same),
+        "other_cluster": mean(sum_all - sum_same, pairs_all - pairs_same),
+        "all": mean(sum_all, pairs_all),
+        "n_neurons": n,
+        "sample_same_cluster": sample_same,
+        "sample_other_cluster": sample_other,
+    }
+
+
+class CNCorrelationComputer(NetworkAnalyser):
+    """Spike-count correlations of E neurons after the measurement run: weak on average, strong
+    within a cluster when R_ee is large enough for clusters to switch together (the paper's Fig. 4).
+
+    network_dict:
+        Expects 'monitors' and 'measurement' from CNMonitorAnalysis (so it is listed after it).
+    Results: statistics.correlations (Brian2Result: window, same_cluster, other_cluster, all,
+    n_neurons, sample_same_cluster, sample_other_cluster; see count_correlations).
+    """
+
+    def add_parameters(self, traj):
+        traj.f_add_parameter(
+            Brian2Parameter, "analysis.correlation_window", 100 * ms,
+            comment="Counting window of the spike-count correlations",
+        )
+        traj.f_add_parameter(
+            "analysis.correlation_sample", 2000,
+            comment="Pairs of each kind whose r is kept for the histograms",
         )
 
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if not is_measurement(current_subrun):
+            return
+        spikes = network_dict["monitors"]["spikes_e"]
+        n_e = traj.parameters.model.N_e
+        window = traj.analysis.correlation_window
+        result = count_correlations(
+            spikes.t[:], spikes.i[:], cluster_labels(n_e, traj.parameters.connections.cluster_size),
+            network_dict["measurement"]["t_start"], network.t, window,
+            n_sample=traj.analysis.correlation_sample,
+            seed=stream_seed(traj.simulation.seed, 4, traj.v_idx),
+        )
+        traj.f_add_result(
+            Brian2Result, "statistics.correlations", window=window, **result,
+            comment="Mean Pearson r of E spike counts over pairs: same cluster, other, all",
+        )
+
+
+class CNQuenchingAnalyser(CNFanoFactorComputer):
+    """Fano factor and rate of E neurons before and during the stimulus (the paper's Fig. 6):
+    the Fano factor computer's windows, applied to each recorded period.
+
+    network_dict:
+        Expects 'monitors' and 'periods' from CNMonitorAnalysis, 'stimulated_clusters' from
+        CNStimulus.
+    Results: statistics.quenching (Brian2Result: window; ff_spontaneous, ff_stimulus, FF over all
+    E neurons per window; rate_spontaneous, rate_stimulus, mean E rate; clusters, the stimulated).
+    """
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name != "stimulus":
+            return
+        spikes = network_dict["monitors"]["spikes_e"]
+        t, i = spikes.t[:], spikes.i[:]
+        n_e = traj.parameters.model.N_e
+        windows = np.array(traj.analysis.fano_windows) * second
+        stats = {}
+        for period in ("spontaneous", "stimulus"):
+            start, end = network_dict["periods"][period]
+            stats[f"ff_{period}"] = fano_factor(t, i, n_e, start, end, windows)
+            in_period = (t >= start) & (t < end)
+            stats[f"rate_{period}"] = np.count_nonzero(in_period) / n_e / (end - start)
+        traj.f_add_result(
+            Brian2Result, "statistics.quenching", window=windows,
+            clusters=np.asarray(network_dict["stimulated_clusters"]), **stats,
+            comment="FF and mean rate of E neurons without and with the stimulus",
+        )
+        print_done(
+            traj, network_dict,
+            f"FF {float(windows[-1] / ms):g}ms {stats['ff_spontaneous'][-1]:.2f} -> "
+            f"{stats['ff_stimulus'][-1]:.2f}, E rate {float(stats['rate_spontaneous'] / Hz):.2f} "
+            f"-> {float(stats['rate_stimulus'] / Hz):.2f} Hz",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiments: one main function each, following the spec's main script (7.3). Both store their
+# trajectory in the same HDF5 file. Operational helpers (environment, files, resume) come later.
+# ---------------------------------------------------------------------------------------------------
 
 class CNNetworkManager(NetworkManager):
     """brian2pet's manager, whose failing run raises an error naming the run and its explored values.
 
     (A pickled copy, as pypet makes for resuming and for SCOOP, leaves the pre-built objects behind
-    and builds everything per run; the components make that give the same numbers.)
+    and redoes the pre-build and pre-run in its own process; the components' seeds make that give
+    the same numbers.)
     """
 
     def run_network(self, traj):
@@ -595,11 +921,115 @@ class CNNetworkManager(NetworkManager):
 
 
 class RunFailed(RuntimeError):
-    """One run of the sweep raised; the message names the run and its explored values."""
+    """One run of an experiment raised; the message names the run and its explored values."""
+
+
+def add_simulation_parameters(traj, args):
+    """The parameters every component reads: size, seed, code generation target, time step."""
+    traj.f_add_parameter(
+        "simulation.scale", args.scale,
+        comment="Scales the numbers of neurons (and so K and the weights), not the cluster size",
+    )
+    traj.f_add_parameter("simulation.seed", args.seed, comment="Seed of every random stream")
+    traj.f_add_parameter(
+        "simulation.codegen_target", resolve_target(args.target),
+        comment="Brian2 codegen target of the objects that run every time step",
+    )
+    traj.f_add_parameter(Brian2Parameter, "simulation.dt", 0.1 * ms, comment="Euler time step")
+
+
+def build_manager(args):
+    """The sweep's network manager with its components, in build order (spec 7.3)."""
+    return CNNetworkManager(
+        network_runner=CNNetworkRunner(args.initial * second, args.measure * second),
+        component_list=[CNNeuronGroup(), CNConnections(fail_run=args.fail_run)],
+        analyser_list=[
+            CNActivityGuard(), CNMonitorAnalysis(), CNFanoFactorComputer(), CNCorrelationComputer(),
+        ],
+    )
+
+
+def run_sweep(args, filename, resume_folder):
+    """Experiment 1, the R_ee sweep: environment, trajectory, manager, parameters, exploration,
+    pre-build, run. Each R_ee needs its own connections, so only the neurons are pre-built."""
+    start_afresh(filename, resume_folder, TRAJECTORY_NAME)
+    env = make_environment(args, filename, resume_folder, TRAJECTORY_NAME,
+                           "Litwin-Kumar & Doiron (2012) clustered network explored over R_ee")
+    traj = env.trajectory
+    add_simulation_parameters(traj, args)
+
+    manager = build_manager(args)
+    manager.add_parameters(traj)
+    traj.f_get("analysis.max_rate_e").f_set(args.max_rate * Hz)
+    traj.f_explore({"R_ee": [float(r) for r in args.r_ee]})
+
+    brian2_seed(args.seed)
+    np.random.seed(args.seed)
+    if not args.scoop:
+        # Under SCOOP the run function travels to other hosts, and pre-built objects cannot.
+        manager.pre_build(traj)
+
+    traj.f_store()
+    try:
+        env.run(manager.run_network)
+    finally:
+        env.disable_logging()
+    raise_for_incomplete_runs(env.trajectory)
+
+
+def build_stimulus_manager(args):
+    """The stimulus experiment's manager: the sweep's neurons and connections plus CNStimulus, its
+    own runner (pre-run, spontaneous, stimulus), and the analysers it needs."""
+    return CNNetworkManager(
+        network_runner=CNStimulusRunner(args.initial * second, args.period * second),
+        component_list=[CNNeuronGroup(), CNConnections(), CNStimulus()],
+        analyser_list=[
+            CNActivityGuard(),
+            CNMonitorAnalysis(measured=("spontaneous", "stimulus")),
+            CNQuenchingAnalyser(),
+        ],
+    )
+
+
+def run_stimulus_experiment(args, filename, resume_folder):
+    """Experiment 2, stimulus-induced quenching of variability: ONE clustered network, built and
+    pre-run once (spec 7.3, pre_run_network); every run starts from the state after that pre-run
+    and explores the stimulus strength (0 is the control)."""
+    start_afresh(filename, resume_folder, STIMULUS_TRAJECTORY_NAME)
+    env = make_environment(args, filename, resume_folder, STIMULUS_TRAJECTORY_NAME,
+                           "Litwin-Kumar & Doiron (2012): a stimulus to a few clusters")
+    traj = env.trajectory
+    add_simulation_parameters(traj, args)
+
+    manager = build_stimulus_manager(args)
+    manager.add_parameters(traj)
+    traj.f_get("connections.R_ee").f_set(args.stimulus_r_ee)
+    traj.f_get("stimulus.n_clusters").f_set(args.stimulus_clusters)
+    traj.f_get("analysis.max_rate_e").f_set(args.max_rate * Hz)
+    traj.f_explore({"strength": [float(s) for s in args.strengths]})
+
+    # Neurons and connections are not explored, so they are pre-built; the pre-run lets them settle.
+    # (Under SCOOP each worker's copy of the manager does this again, the same way: brian2pet.)
+    brian2_seed(args.seed)
+    np.random.seed(args.seed)
+    manager.pre_run_network(traj)
+
+    traj.f_store()
+    try:
+        env.run(manager.run_network)
+    finally:
+        env.disable_logging()
+    raise_for_incomplete_runs(env.trajectory)
+
+
+EXPERIMENTS = {  # --experiment name: (trajectory name, main function)
+    "sweep": (TRAJECTORY_NAME, run_sweep),
+    "stimulus": (STIMULUS_TRAJECTORY_NAME, run_stimulus_experiment),
+}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading a stored sweep back
+# Reading stored experiments back
 #
 # Results files travel, so a file may come from someone else, and reading one must run nothing from
 # it. Two things in the usual way of loading would: pypet rebuilds a PickleResult, a PickleParameter
@@ -657,9 +1087,10 @@ def pickles_refused():
         _pickle_guard["refusing"] = previous
 
 
-def check_sweep_file(filename, trajectory_name=TRAJECTORY_NAME, nodes=SWEEP_NODES):
-    """Raise SweepFileError unless ``filename`` holds trajectory ``trajectory_name`` and its ``nodes``
-    (pypet names such as 'results.runs') load without unpickling; return the nodes it holds.
+def check_sweep_file(filename, trajectory_names=None, nodes=SWEEP_NODES):
+    """Raise SweepFileError unless ``filename`` holds at least one of ``trajectory_names`` (every
+    experiment of this script by default) and, for each it holds, its ``nodes`` (pypet names such
+    as 'results.runs') load without unpickling. Returns {trajectory name: the nodes it holds}.
 
     The message is one line naming the file and what is wrong: missing, not HDF5, damaged (cut short
     by a crash or an interrupted copy), another program's HDF5 file, or the first node whose content
@@ -667,6 +1098,8 @@ def check_sweep_file(filename, trajectory_name=TRAJECTORY_NAME, nodes=SWEEP_NODE
     """
     import tables
 
+    if trajectory_names is None:
+        trajectory_names = [name for name, _ in EXPERIMENTS.values()]
     if not os.path.isfile(filename):
         raise SweepFileError(f"{filename}: no such file")
     try:
@@ -674,7 +1107,13 @@ def check_sweep_file(filename, trajectory_name=TRAJECTORY_NAME, nodes=SWEEP_NODE
             if not tables.is_hdf5_file(filename):
                 raise SweepFileError(f"{filename}: not an HDF5 file")
             with tables.open_file(filename, "r") as h5:
-                return _check_sweep_nodes(h5, filename, trajectory_name, nodes)
+                held = [name for name in trajectory_names if f"/{name}/parameters" in h5]
+                if not held:
+                    raise SweepFileError(
+                        f"{filename}: holds no {' or '.join(map(repr, trajectory_names))} "
+                        f"experiment of this script"
+                    )
+                return {name: _check_sweep_nodes(h5, filename, name, nodes) for name in held}
     except (tables.HDF5ExtError, OSError) as error:
         raise SweepFileError(
             f"{filename}: damaged, HDF5 cannot read it (cut short by a crash or an interrupted "
@@ -686,8 +1125,6 @@ def _check_sweep_nodes(h5, filename, trajectory_name, nodes):
     import tables
 
     trajectory = f"/{trajectory_name}"
-    if f"{trajectory}/parameters" not in h5:
-        raise SweepFileError(f"{filename}: holds no '{trajectory_name}' sweep of this script")
     # pypet also reads the file's root, the trajectory group, its direct subgroups and the
     # overview tables (run information, explored parameters, storage settings).
     walked = [h5.root, *h5.iter_nodes(trajectory)]
@@ -704,7 +1141,9 @@ def _check_sweep_nodes(h5, filename, trajectory_name, nodes):
         where = named._v_pathname[len(trajectory) + 1:].replace("/", ".") or named._v_pathname
         problem = _unsafe_node(node, tables)
         if problem:
-            raise SweepFileError(f"{filename}: {where}: {problem}; refused (it could run code)")
+            raise SweepFileError(
+                f"{filename}: {trajectory_name}.{where}: {problem}; refused (it could run code)"
+            )
     return present
 
 
@@ -747,13 +1186,21 @@ def _first_line(error):
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def exit_if_unreadable(option, filename, trajectory_name=TRAJECTORY_NAME, nodes=SWEEP_NODES):
+def exit_if_unreadable(option, filename, trajectory_names=None, nodes=SWEEP_NODES):
     """Exit with one line naming ``option``, the file and the problem unless check_sweep_file
     passes (for --replot and --resume)."""
     try:
-        check_sweep_file(filename, trajectory_name, nodes)
+        check_sweep_file(filename, trajectory_names, nodes)
     except SweepFileError as error:
         sys.exit(f"clustered_network.py: error: {option}: {error}")
+
+
+def stored_experiments(filename):
+    """The names of this script's experiments that ``filename`` holds (none for a foreign file)."""
+    try:
+        return list(check_sweep_file(filename))
+    except SweepFileError:
+        return []
 
 
 def load_trajectory_nodes(filename, trajectory_name, nodes):
@@ -764,7 +1211,7 @@ def load_trajectory_nodes(filename, trajectory_name, nodes):
     """
     from pypet import Trajectory
 
-    present = check_sweep_file(filename, trajectory_name, nodes)
+    present = check_sweep_file(filename, [trajectory_name], nodes)[trajectory_name]
     # pypet logs a failed load at length before raising; the error below says it in one line.
     pypet_logger = logging.getLogger("pypet")
     level = pypet_logger.level
@@ -790,50 +1237,125 @@ def load_trajectory_nodes(filename, trajectory_name, nodes):
     return traj
 
 
-def load_sweep(filename):
-    """The stored sweep with its parameters and per-run results (SWEEP_NODES), loaded safely."""
-    return load_trajectory_nodes(filename, TRAJECTORY_NAME, SWEEP_NODES)
+def load_sweep(filename, name=TRAJECTORY_NAME):
+    """A stored experiment with its parameters and per-run results (SWEEP_NODES), loaded safely."""
+    return load_trajectory_nodes(filename, name, SWEEP_NODES)
+
+
+def explored_values(traj, name):
+    """The value of parameter ``name`` in every run (its range, or its one value)."""
+    param = traj.f_get(name)
+    values = param.f_get_range() if param.f_has_range() else [param.f_get()]
+    return [values[idx] if len(values) > 1 else values[0] for idx in range(len(traj))]
+
+
+def pathological_runs(traj, explored_name):
+    """(index, value of ``explored_name``, reason) of every run the activity guard flagged."""
+    values = explored_values(traj, explored_name)
+    cancelled = []
+    for idx, run_name in enumerate(traj.f_get_run_names()):
+        path = f"results.runs.{run_name}.statistics.pathological"
+        if traj.f_contains(path, shortcuts=False):
+            cancelled.append((idx, float(values[idx]), traj.f_get(path, shortcuts=False).reason))
+    return cancelled
 
 
 def sweep_rows(traj):
-    """One dict per finished run: index, R_ee, rates (Hz), windows (s), ff, mean_ff, run group."""
-    r_ee = traj.f_get("connections.R_ee")
-    values = r_ee.f_get_range() if r_ee.f_has_range() else [r_ee.f_get()]
+    """One dict per finished run: index, R_ee, rates (Hz), windows (s), ff, mean_ff, the mean
+    correlations (r_same, r_other, r_all) and the run group. Failed, cancelled and unfinished runs
+    have no row (pathological_runs lists those the guard cancelled)."""
+    values = explored_values(traj, "connections.R_ee")
     rows = []
     for idx, run_name in enumerate(traj.f_get_run_names()):
         path = f"results.runs.{run_name}"
         if not traj.f_contains(f"{path}.statistics.fano_factor", shortcuts=False):
-            continue  # a run that failed or never ran
+            continue  # a run that failed, was cancelled or never ran
         run = traj.f_get(path, shortcuts=False)
         rates = run.f_get("statistics.rates")
         fano = run.f_get("statistics.fano_factor")
+        correlations = run.f_get("statistics.correlations")
         rows.append({
             "idx": idx,
-            "R_ee": float(values[idx] if len(values) > 1 else values[0]),
+            "R_ee": float(values[idx]),
             "rate_e": float(rates.e / (1 / second)),
             "rate_i": float(rates.i / (1 / second)),
             "windows": np.asarray(fano.window / second),
             "ff": np.asarray(fano.ff, dtype=float),
             "mean_ff": float(run.f_get("statistics.mean_fano_factor").f_get()),
+            "r_same": float(correlations.same_cluster),
+            "r_other": float(correlations.other_cluster),
+            "r_all": float(correlations.all),
             "run": run,
         })
     return rows
 
 
-def format_table(rows):
-    """The final table: R_ee, rates and FF per window, one line per run."""
-    if not rows:
-        return "no finished runs"
-    windows = rows[0]["windows"]
-    head = f"{'run':>4} {'R_ee':>5} {'rate E':>7} {'rate I':>7} " + " ".join(
-        f"{'FF ' + format(w * 1000, 'g') + 'ms':>10}" for w in windows
-    )
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        lines.append(
-            f"{row['idx']:>4} {row['R_ee']:>5.2f} {row['rate_e']:>5.2f}Hz {row['rate_i']:>5.2f}Hz "
-            + " ".join(f"{f:>10.2f}" for f in row["ff"])
+def format_table(rows, pathological=()):
+    """The sweep's table: R_ee, rates, FF per window and mean correlations, one line per run."""
+    lines = []
+    if rows:
+        windows = rows[0]["windows"]
+        head = f"{'run':>4} {'R_ee':>5} {'rate E':>7} {'rate I':>7} " + " ".join(
+            f"{'FF ' + format(w * 1000, 'g') + 'ms':>10}" for w in windows
+        ) + f" {'r same':>7} {'r other':>7} {'r all':>7}"
+        lines += [head, "-" * len(head)]
+        for row in rows:
+            lines.append(
+                f"{row['idx']:>4} {row['R_ee']:>5.2f} {row['rate_e']:>5.2f}Hz {row['rate_i']:>5.2f}Hz "
+                + " ".join(f"{f:>10.2f}" for f in row["ff"])
+                + f" {row['r_same']:>7.3f} {row['r_other']:>7.3f} {row['r_all']:>7.3f}"
+            )
+    else:
+        lines.append("no finished runs")
+    lines += [f"{idx:>4} {r_ee:>5.2f} pathological: {reason}" for idx, r_ee, reason in pathological]
+    return "\n".join(lines)
+
+
+def stimulus_rows(traj):
+    """One dict per finished run of the stimulus experiment: index, strength, windows (s),
+    ff_spontaneous, ff_stimulus, rate_spontaneous, rate_stimulus (Hz), clusters, run group."""
+    values = explored_values(traj, "stimulus.strength")
+    rows = []
+    for idx, run_name in enumerate(traj.f_get_run_names()):
+        path = f"results.runs.{run_name}"
+        if not traj.f_contains(f"{path}.statistics.quenching", shortcuts=False):
+            continue  # a run that failed, was cancelled or never ran
+        run = traj.f_get(path, shortcuts=False)
+        quenching = run.f_get("statistics.quenching")
+        rows.append({
+            "idx": idx,
+            "strength": float(values[idx]),
+            "windows": np.asarray(quenching.window / second),
+            "ff_spontaneous": np.asarray(quenching.ff_spontaneous, dtype=float),
+            "ff_stimulus": np.asarray(quenching.ff_stimulus, dtype=float),
+            "rate_spontaneous": float(quenching.rate_spontaneous / (1 / second)),
+            "rate_stimulus": float(quenching.rate_stimulus / (1 / second)),
+            "clusters": np.asarray(quenching.clusters),
+            "run": run,
+        })
+    return rows
+
+
+def format_stimulus_table(rows, pathological=()):
+    """The stimulus experiment's table: FF and E rate without -> with the stimulus, per strength."""
+    lines = []
+    if rows:
+        windows = rows[0]["windows"]
+        head = f"{'run':>4} {'strength':>8} {'E rate (Hz)':>13} " + " ".join(
+            f"{'FF ' + format(w * 1000, 'g') + 'ms':>13}" for w in windows
         )
+        lines += [head, "-" * len(head)]
+        for row in rows:
+            pairs = zip(row["ff_spontaneous"], row["ff_stimulus"])
+            lines.append(
+                f"{row['idx']:>4} {row['strength']:>8.3f} "
+                f"{row['rate_spontaneous']:>5.2f} -> {row['rate_stimulus']:>4.2f} "
+                + " ".join(f"{a:>5.2f} -> {b:>4.2f}" for a, b in pairs)
+            )
+        lines.append(f"(spontaneous -> stimulus; stimulated clusters {list(rows[0]['clusters'])})")
+    else:
+        lines.append("no finished runs")
+    lines += [f"{idx:>4} {s:>8.3f} pathological: {reason}" for idx, s, reason in pathological]
     return "\n".join(lines)
 
 
@@ -940,8 +1462,83 @@ def plot_fano_and_rates_vs_r_ee(rows, filename):
     plt.close(fig)
 
 
+def plot_correlations(rows, filename):
+    """Histograms of the spike-count correlation r of same-cluster and other pairs of E neurons,
+    one panel per shown R_ee (a sample of pairs; the legend gives the means over all pairs)."""
+    plt = _pyplot()
+    shown = _shown_rows(rows)
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
+    for ax, row in zip(axes[0], shown):
+        correlations = row["run"].f_get("statistics.correlations")
+        bins = np.linspace(-0.3, 1.0, 53)
+        for kind, mean, colour in (("other_cluster", row["r_other"], "grey"),
+                                   ("same_cluster", row["r_same"], "C3")):
+            sample = np.clip(np.asarray(getattr(correlations, f"sample_{kind}")), -0.3, 1.0)
+            ax.hist(sample, bins=bins, density=True, histtype="stepfilled", alpha=0.5,
+                    color=colour, label=f"{kind.replace('_', ' ')} pairs: mean r = {mean:.3f}")
+        ax.set_title(f"R_ee = {row['R_ee']:g}")
+        ax.set_xlabel(f"r of spike counts in {float(correlations.window / ms):g} ms windows")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("density")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def plot_quenching(rows, filename):
+    """FF (longest and shortest window) and the mean E rate, spontaneous vs stimulus, against the
+    stimulus strength."""
+    plt = _pyplot()
+    strength = [row["strength"] for row in rows]
+    windows = rows[0]["windows"]
+    fig, (ax_ff, ax_rate) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, style in ((len(windows) - 1, "-"), (0, ":")):
+        label = f"{windows[k] * 1000:g} ms"
+        ax_ff.plot(strength, [row["ff_spontaneous"][k] for row in rows], "o" + style, color="C0",
+                   label=f"spontaneous, {label}")
+        ax_ff.plot(strength, [row["ff_stimulus"][k] for row in rows], "s" + style, color="C3",
+                   label=f"stimulus, {label}")
+    ax_ff.axhline(1.0, color="grey", ls=":", lw=1)
+    ax_ff.set_xlabel("stimulus strength (rise of mu)")
+    ax_ff.set_ylabel("Fano factor (mean over E neurons)")
+    ax_ff.legend(fontsize=8)
+    ax_rate.plot(strength, [row["rate_spontaneous"] for row in rows], "o-", color="C0",
+                 label="spontaneous")
+    ax_rate.plot(strength, [row["rate_stimulus"] for row in rows], "s-", color="C3",
+                 label="stimulus")
+    ax_rate.set_xlabel("stimulus strength (rise of mu)")
+    ax_rate.set_ylabel("mean E rate (Hz)")
+    ax_rate.set_ylim(bottom=0)
+    ax_rate.legend()
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def plot_stimulus_raster(row, t_onset, cluster_size, filename, seconds=2.0):
+    """E spikes from ``seconds`` before to ``seconds`` after the stimulus onset, neurons in cluster
+    order, the stimulated clusters shaded."""
+    plt = _pyplot()
+    spikes = row["run"].f_get("monitors.spikes_e")
+    t = np.asarray(spikes.t / second) - t_onset
+    shown = np.abs(t) < seconds
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for cluster in row["clusters"]:
+        ax.axhspan(cluster * cluster_size, (cluster + 1) * cluster_size, color="C3", alpha=0.25,
+                   lw=0)
+    ax.plot(t[shown], np.asarray(spikes.i)[shown], ",k", rasterized=True)
+    ax.axvline(0.0, color="C3", lw=0.8)
+    ax.set_xlim(-seconds, seconds)
+    ax.set_xlabel("time from stimulus onset (s)")
+    ax.set_ylabel(f"E neuron (clusters of {cluster_size} in order; stimulated shaded)")
+    ax.set_title(f"E spikes, stimulus strength {row['strength']:g}")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
 def plot_all(traj, rows, folder):
-    """Every figure, as PNG in ``folder``; returns their paths."""
+    """Every figure of the sweep, as PNG in ``folder``; returns their paths."""
     if not rows:
         return []
     t_start = float(traj.f_get("simulation.durations.initial_run").f_get() / second)
@@ -952,17 +1549,32 @@ def plot_all(traj, rows, folder):
             path = os.path.join(folder, f"{kind}_R_ee_{row['R_ee']:.2f}.png")
             plot(row, t_start, cluster_size, path)
             paths.append(path)
-    path = os.path.join(folder, "fano_vs_window.png")
-    plot_fano_vs_window(rows, path)
-    paths.append(path)
-    path = os.path.join(folder, "fano_and_rates_vs_R_ee.png")
-    plot_fano_and_rates_vs_r_ee(rows, path)
-    paths.append(path)
+    for name, plot in (("fano_vs_window.png", plot_fano_vs_window),
+                       ("fano_and_rates_vs_R_ee.png", plot_fano_and_rates_vs_r_ee),
+                       ("correlations.png", plot_correlations)):
+        paths.append(os.path.join(folder, name))
+        plot(rows, paths[-1])
+    return paths
+
+
+def plot_all_stimulus(traj, rows, folder):
+    """Every figure of the stimulus experiment, as PNG in ``folder``; returns their paths."""
+    if not rows:
+        return []
+    durations = ("simulation.pre_durations.settling_run", "simulation.durations.spontaneous")
+    t_onset = sum(float(traj.f_get(name).f_get() / second) for name in durations)
+    cluster_size = traj.f_get("connections.cluster_size").f_get()
+    paths = [os.path.join(folder, "quenching_vs_strength.png")]
+    plot_quenching(rows, paths[0])
+    for row in rows:
+        if row["strength"] > 0:
+            paths.append(os.path.join(folder, f"stimulus_raster_{row['strength']:g}.png"))
+            plot_stimulus_raster(row, t_onset, cluster_size, paths[-1])
     return paths
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line and main script (spec 7.3)
+# Command line, files, locking, resume and main()
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -988,8 +1600,11 @@ def _positive(kind):
 def parse_args(argv=None):
     parser = _Parser(
         prog="clustered_network.py",
-        description="Clustered E/I network (Litwin-Kumar & Doiron 2012) explored over R_ee.",
+        description="Clustered E/I network (Litwin-Kumar & Doiron 2012): a sweep over R_ee and a "
+                    "stimulus experiment on one pre-run network.",
     )
+    parser.add_argument("--experiment", choices=("sweep", "stimulus", "both"), default="both",
+                        help="which experiment to run (default both)")
     parser.add_argument("--scale", type=_positive(float), default=1.0,
                         help="network size factor: N_e = 4000*scale, N_i = 1000*scale (default 1)")
     parser.add_argument("--r-ee", type=_positive(float), nargs="*", default=list(DEFAULT_R_EE),
@@ -997,9 +1612,22 @@ def parse_args(argv=None):
     parser.add_argument("--measure", type=_positive(float), default=10.0,
                         help="seconds of the measured run (default 10)")
     parser.add_argument("--initial", type=_positive(float), default=0.5,
-                        help="seconds of the initial, unmeasured run (default 0.5)")
-    parser.add_argument("--ncores", type=_positive(int), default=1,
-                        help="processes for the sweep (default 1)")
+                        help="seconds of the initial, unmeasured run; in the stimulus experiment the "
+                             "pre-run (default 0.5)")
+    parser.add_argument("--stimulus-r-ee", type=_positive(float), default=2.5, metavar="R",
+                        help="R_ee of the stimulus experiment's network (default 2.5)")
+    parser.add_argument("--strengths", type=float, nargs="*", default=list(DEFAULT_STRENGTHS),
+                        metavar="S", help="stimulus strengths to explore, the rise of mu of the "
+                                          "stimulated E neurons (default 0 0.07 0.15; 0 is the control)")
+    parser.add_argument("--stimulus-clusters", type=_positive(int), default=5, metavar="N",
+                        help="number of stimulated clusters, drawn at random by --seed (default 5)")
+    parser.add_argument("--period", type=_positive(float), default=5.0,
+                        help="seconds of the spontaneous and of the stimulus period (default 5)")
+    parser.add_argument("--max-rate", type=_positive(float), default=100.0, metavar="HZ",
+                        help="mean E rate (Hz) above which a run is pathological: the activity "
+                             "guard cancels its remaining subruns (default 100)")
+    parser.add_argument("--ncores", type=_positive(int), default=None,
+                        help=f"processes for the runs (default: every core, here {os.cpu_count()})")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument("--target", choices=("auto", "cython", "numpy"), default="auto",
                         help="Brian2 code generation target; auto (default) takes cython when a "
@@ -1008,11 +1636,11 @@ def parse_args(argv=None):
                         help="folder for the HDF5 file and figures (default results/)")
     parser.add_argument("--no-plots", action="store_true", help="draw no figures")
     parser.add_argument("--replot", metavar="FILE",
-                        help="redraw the figures and table from a stored HDF5 file, no simulation")
+                        help="redraw the figures and tables from a stored HDF5 file, no simulation")
     parser.add_argument("--scoop", action="store_true",
                         help="run under SCOOP: python -m scoop -n N clustered_network.py --scoop")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep stored in --out")
+                        help="continue the interrupted experiments stored in --out")
     parser.add_argument("--fail-run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1025,16 +1653,24 @@ def parse_args(argv=None):
         parser.error(
             f"--scale {args.scale} is too small: need two clusters of {CLUSTER_SIZE} E neurons"
         )
-    for r in args.r_ee:
-        if cluster_probabilities(r, n_e, CLUSTER_SIZE, P_EE)[0] > 1:
-            parser.error(f"--r-ee {r} gives a within-cluster probability above 1 at this scale")
+    for flag, values in (("--r-ee", args.r_ee), ("--stimulus-r-ee", [args.stimulus_r_ee])):
+        for r in values:
+            if cluster_probabilities(r, n_e, CLUSTER_SIZE, P_EE)[0] > 1:
+                parser.error(f"{flag} {r} gives a within-cluster probability above 1 at this scale")
+    if not args.strengths:
+        parser.error("--strengths needs at least one value")
+    if args.stimulus_clusters > n_e // CLUSTER_SIZE:
+        parser.error(f"--stimulus-clusters {args.stimulus_clusters} is more than the "
+                     f"{n_e // CLUSTER_SIZE} clusters at this scale")
     if args.replot:
         try:
             check_sweep_file(args.replot)
         except ValueError as error:
             parser.error(f"--replot: {error}")
-    if args.scoop and args.ncores != 1:
+    if args.scoop and args.ncores is not None:
         parser.error("--ncores does not apply with --scoop; SCOOP's -n sets the workers")
+    if args.ncores is None:
+        args.ncores = 1 if args.scoop else os.cpu_count() or 1
     return args
 
 
@@ -1070,7 +1706,8 @@ def _have_dill():
     return True
 
 
-def make_environment(args, filename, resume_folder):
+def make_environment(args, filename, resume_folder, name=TRAJECTORY_NAME, comment=""):
+    """pypet's Environment for the trajectory ``name`` in ``filename`` (added beside any other)."""
     from pypet import Environment
 
     multiproc = {}
@@ -1083,9 +1720,9 @@ def make_environment(args, filename, resume_folder):
         # pypet can resume only LOCK, NETLOCK and LOCAL sweeps.
         multiproc = dict(multiproc=True, ncores=args.ncores, use_pool=False, wrap_mode="LOCAL")
     return Environment(
-        trajectory=TRAJECTORY_NAME,
+        trajectory=name,
         filename=filename,
-        comment="Litwin-Kumar & Doiron (2012) clustered network explored over R_ee",
+        comment=comment,
         dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
         log_config=None,
         # pypet's default, zlib at level 9, costs about a second per sweep for files 2 % smaller.
@@ -1110,53 +1747,6 @@ def resolve_target(target):
     return "numpy"
 
 
-def build_manager(args):
-    """The network manager with its components, in build order (spec 7.3)."""
-    return CNNetworkManager(
-        network_runner=CNNetworkRunner(args.initial * second, args.measure * second),
-        component_list=[CNNeuronGroup(), CNConnections(fail_run=args.fail_run)],
-        analyser_list=[CNMonitorAnalysis(), CNFanoFactorComputer()],
-    )
-
-
-def run_sweep(args, filename, resume_folder):
-    """The spec's main script: environment, trajectory, manager, parameters, exploration, run."""
-    if os.path.exists(filename):
-        print(f"replacing the earlier sweep in {filename} (continue one with --resume)")
-        os.remove(filename)
-    shutil.rmtree(os.path.join(resume_folder, TRAJECTORY_NAME), ignore_errors=True)
-    env = make_environment(args, filename, resume_folder)
-    traj = env.trajectory
-
-    traj.f_add_parameter(
-        "simulation.scale", args.scale,
-        comment="Scales the numbers of neurons (and so K and the weights), not the cluster size",
-    )
-    traj.f_add_parameter("simulation.seed", args.seed, comment="Seed of every random stream")
-    traj.f_add_parameter(
-        "simulation.codegen_target", resolve_target(args.target),
-        comment="Brian2 codegen target of the objects that run every time step",
-    )
-    traj.f_add_parameter(Brian2Parameter, "simulation.dt", 0.1 * ms, comment="Euler time step")
-
-    manager = build_manager(args)
-    manager.add_parameters(traj)
-    traj.f_explore({"R_ee": [float(r) for r in args.r_ee]})
-
-    brian2_seed(args.seed)
-    np.random.seed(args.seed)
-    if not args.scoop:
-        # Under SCOOP the run function travels to other hosts, and pre-built objects cannot.
-        manager.pre_build(traj)
-
-    traj.f_store()
-    try:
-        env.run(manager.run_network)
-    finally:
-        env.disable_logging()
-    raise_for_incomplete_runs(env.trajectory)
-
-
 def raise_for_incomplete_runs(traj):
     """With several processes pypet logs a failed run and goes on; end the sweep with an error."""
     failed = []
@@ -1169,41 +1759,92 @@ def raise_for_incomplete_runs(traj):
         raise RunFailed(f"{', '.join(failed)} did not complete (its error is printed above)")
 
 
-def resume_sweep(args, filename, resume_folder):
-    if not _have_dill():
-        sys.exit("clustered_network.py: error: --resume needs the package dill (pip install dill)")
-    if not os.path.isfile(os.path.join(resume_folder, TRAJECTORY_NAME, "environment.ecnt")):
-        sys.exit(
-            f"clustered_network.py: error: nothing to resume in {resume_folder} (the sweep "
-            f"finished, or never started with this --out)"
-        )
+def start_afresh(filename, resume_folder, name):
+    """Remove an earlier run of the experiment ``name``: its trajectory in the file (the other
+    experiment's stays) and its resume files."""
+    import tables
+
+    if os.path.exists(filename):
+        with tables.open_file(filename, "a") as h5:
+            if f"/{name}" in h5:
+                print(f"replacing the earlier '{name}' in {filename} (continue one with --resume)")
+                h5.remove_node(f"/{name}", recursive=True)
+    shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
+
+
+def has_resume_files(resume_folder, name):
+    """True while the experiment ``name`` has runs to resume (pypet deletes them when it finishes)."""
+    return os.path.isfile(os.path.join(resume_folder, name, "environment.ecnt"))
+
+
+def resume_experiment(args, filename, resume_folder, name):
+    """Continue the interrupted experiment ``name`` (each has its own folder in resume_folder)."""
     # pypet's resume loads the whole trajectory the generic way (and unpickles the resume folder,
     # which this script wrote): refuse a damaged file, or one with content that would run code.
-    exit_if_unreadable("--resume", filename, nodes=ALL_NODES)
-    env = make_environment(args, filename, resume_folder)
+    exit_if_unreadable("--resume", filename, [name], nodes=ALL_NODES)
+    env = make_environment(args, filename, resume_folder, name)
     try:
-        env.resume(trajectory_name=TRAJECTORY_NAME, resume_folder=resume_folder)
+        env.resume(trajectory_name=name, resume_folder=resume_folder)
     finally:
         env.disable_logging()
     raise_for_incomplete_runs(env.trajectory)
 
 
+def run_experiments(args, filename, resume_folder):
+    """Run the chosen experiments in turn. With --resume: continue those that were interrupted,
+    start those the file does not hold yet, keep those that finished."""
+    chosen = ["sweep", "stimulus"] if args.experiment == "both" else [args.experiment]
+    if args.resume:
+        if not _have_dill():
+            sys.exit("clustered_network.py: error: --resume needs the package dill (pip install dill)")
+        if not any(has_resume_files(resume_folder, EXPERIMENTS[e][0]) for e in chosen):
+            sys.exit(
+                f"clustered_network.py: error: nothing to resume in {resume_folder} (the "
+                f"experiments finished, or never started with this --out)"
+            )
+    elif args.experiment == "both" and os.path.exists(filename):
+        print(f"replacing the earlier experiments in {filename} (continue them with --resume)")
+        os.remove(filename)
+    for experiment in chosen:
+        name, run = EXPERIMENTS[experiment]
+        release_freed_memory()  # the previous experiment's network, before this one builds its own
+        if args.resume and has_resume_files(resume_folder, name):
+            print(f"resuming '{name}'", flush=True)
+            resume_experiment(args, filename, resume_folder, name)
+        elif args.resume and os.path.exists(filename) and name in stored_experiments(filename):
+            print(f"'{name}' finished before; kept as it is", flush=True)
+        else:
+            print(f"experiment '{name}'", flush=True)
+            run(args, filename, resume_folder)
+
+
 def report(filename, plots):
-    """Print the table, and draw and list the figures."""
-    traj = load_sweep(filename)
-    try:
-        rows = sweep_rows(traj)
-        print(format_table(rows))
-        print(f"HDF5 file: {os.path.abspath(filename)}")
-        paths = plot_all(traj, rows, os.path.dirname(os.path.abspath(filename))) if plots else []
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as error:
-        # HDF5 has no checksums here: a damaged file can load with items missing or garbled.
-        raise SweepFileError(
-            f"{filename}: damaged, its results are not what this script stores: "
-            f"{_first_line(error)}"
-        ) from error
-    for path in paths:
-        print(f"figure: {os.path.abspath(path)}")
+    """Print each stored experiment's table, and draw and list the figures."""
+    folder = os.path.dirname(os.path.abspath(filename))
+    held = check_sweep_file(filename)
+    for name, rows_of, format_rows, explored, plot in (
+        (TRAJECTORY_NAME, sweep_rows, format_table, "connections.R_ee", plot_all),
+        (STIMULUS_TRAJECTORY_NAME, stimulus_rows, format_stimulus_table, "stimulus.strength",
+         plot_all_stimulus),
+    ):
+        if name not in held:
+            continue
+        traj = load_sweep(filename, name)
+        try:
+            rows = rows_of(traj)
+            table = format_rows(rows, pathological_runs(traj, explored))
+            paths = plot(traj, rows, folder) if plots else []
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as error:
+            # HDF5 has no checksums here: a damaged file can load with items missing or garbled.
+            raise SweepFileError(
+                f"{filename}: damaged, its '{name}' results are not what this script stores: "
+                f"{_first_line(error)}"
+            ) from error
+        print(f"\n{name}:")
+        print(table)
+        for path in paths:
+            print(f"figure: {os.path.abspath(path)}")
+    print(f"HDF5 file: {os.path.abspath(filename)}")
 
 
 def main(argv=None):
@@ -1225,12 +1866,12 @@ def main(argv=None):
     lock = hold_sweep_lock(args.out) if not args.scoop else None
     started = time.time()
     try:
-        (resume_sweep if args.resume else run_sweep)(args, filename, resume_folder)
+        run_experiments(args, filename, resume_folder)
     except RunFailed as error:
         print(f"clustered_network.py: error: {error}", file=sys.stderr)
         print(f"finished runs are kept in {os.path.abspath(filename)}", file=sys.stderr)
         return 1
-    print(f"sweep finished in {time.time() - started:.0f} s")
+    print(f"finished in {time.time() - started:.0f} s")
     report(filename, plots=not args.no_plots)
     if lock is not None:
         lock.close()

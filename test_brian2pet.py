@@ -797,8 +797,9 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
 
 
 
-def test_a_pickled_manager_travels_without_brian2_objects():
-    """pypet pickles the run function for resumable runs and SCOOP; Brian2 objects cannot go along."""
+def test_a_pickled_manager_travels_without_brian2_objects_and_redoes_the_pre_build():
+    """pypet pickles the run function for resumable runs and SCOOP; Brian2 objects cannot go along,
+    so the copy pre-builds again in its own process before its first run (and only then)."""
     import pickle
 
     log = []
@@ -809,9 +810,15 @@ def test_a_pickled_manager_travels_without_brian2_objects():
     manager.run_network(traj)  # the original now holds a network of its pre-built group
     copy = pickle.loads(pickle.dumps(manager))
     assert copy._brian_list == [] and copy._network is None and manager._network is not None
-    copy.components[0].makes_group = "build"  # the copy's components build everything per run
+    copy_log = copy.analysers[0].log  # its own log, copied
+    del copy_log[:]
     copy.run_network(traj)
-    assert subruns_seen(copy.analysers[0].log) == ["first", "first"]  # its own log, copied
+    copy.run_network(traj)
+    calls = [entry[:2] for entry in copy_log if entry[1] in ("pre_build", "build")]
+    assert calls[:5] == [(p, "pre_build") for p in ["c1", "c2", "a1", "a2", "runner"]]
+    assert calls[5:] == [(p, "build") for p in ["c1", "c2", "a1", "a2", "runner"]] * 2
+    assert len(copy._brian_list) == 1 and set(copy._network.objects) == set(copy._brian_list)
+    assert subruns_seen(copy_log) == ["first", "first"]
     manager.run_network(traj)  # the original is untouched by the pickling
     assert subruns_seen(log) == ["first", "first"]
 
@@ -825,10 +832,13 @@ def test_a_pickled_manager_travels_without_brian2_objects():
 # The connectivity test builds objects that it never simulates; Brian2 would warn at exit.
 cn.BrianLogger.suppress_name("unused_brian_object")
 SCRIPT = os.path.join(HERE, "clustered_network.py")
-# 400 E / 100 I neurons (5 clusters), three runs of 0.4 s simulated each.
+# 400 E / 100 I neurons (5 clusters). Both experiments: the sweep, three runs of 0.4 s simulated
+# each; the stimulus experiment, a pre-run of 0.1 s and two runs of 0.3 + 0.3 s (2 clusters driven).
 TINY = ["--scale", "0.1", "--r-ee", "1.0", "2.5", "3.0", "--initial", "0.1", "--measure", "0.3",
-        "--seed", "3", "--target", "numpy"]
+        "--seed", "3", "--target", "numpy", "--period", "0.3", "--strengths", "0", "0.3",
+        "--stimulus-clusters", "2"]
 R_TINY = [1.0, 2.5, 3.0]
+STRENGTHS_TINY = [0.0, 0.3]
 
 
 def run_script(*args, timeout=300, **kwargs):
@@ -839,14 +849,16 @@ def run_script(*args, timeout=300, **kwargs):
 
 
 def stored_numbers(filename):
-    """Every result item of every run, by full name: what must not change between ways of running."""
-    traj = cn.load_sweep(filename)
+    """Every result item of every run of both experiments, by trajectory and full name: what must
+    not change between ways of running."""
     numbers = {}
-    for result in traj.f_iter_leaves():
-        if not result.v_full_name.startswith("results."):
-            continue
-        for key, value in result.f_to_dict().items():
-            numbers[f"{result.v_full_name}.{key}"] = value
+    for name in cn.check_sweep_file(filename):
+        traj = cn.load_sweep(filename, name)
+        for result in traj.f_iter_leaves():
+            if not result.v_full_name.startswith("results."):
+                continue
+            for key, value in result.f_to_dict().items():
+                numbers[f"{name}.{result.v_full_name}.{key}"] = value
     return numbers
 
 
@@ -865,9 +877,9 @@ def assert_same_numbers(actual, expected):
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """The tiny sweep in one process, with figures: (folder, completed process)."""
+    """The tiny experiments in one process, with figures: (folder, completed process)."""
     folder = tmp_path_factory.mktemp("reference")
-    done = run_script(*TINY, "--out", str(folder))
+    done = run_script(*TINY, "--ncores", "1", "--out", str(folder))
     assert done.returncode == 0, done.stderr
     return folder, done
 
@@ -1020,6 +1032,7 @@ def test_example_end_to_end(reference):
     assert sorted(os.path.basename(f) for f in figures) == sorted([
         "raster_R_ee_1.00.png", "traces_R_ee_1.00.png", "raster_R_ee_2.50.png",
         "traces_R_ee_2.50.png", "fano_vs_window.png", "fano_and_rates_vs_R_ee.png",
+        "correlations.png", "quenching_vs_strength.png", "stimulus_raster_0.3.png",
     ])
     for figure in figures:
         assert os.path.dirname(figure) == str(folder)
@@ -1153,7 +1166,7 @@ def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_pa
     # The reference's sweep, killed (whole process group) once its first run is stored: in one
     # process pypet stores a run (and its resume counter) before the next run starts and says so.
     process = subprocess.Popen(
-        [sys.executable, SCRIPT, *TINY, "--no-plots", "--out", str(tmp_path)],
+        [sys.executable, SCRIPT, *TINY, "--ncores", "1", "--no-plots", "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE,
         start_new_session=True,
     )
@@ -1166,13 +1179,17 @@ def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_pa
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
-    done = run_script("--resume", "--no-plots", "--out", str(tmp_path))
+    # The flags matter only for an experiment that resume starts afresh, here the stimulus one.
+    done = run_script(*TINY, "--ncores", "1", "--resume", "--no-plots", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     numbers = stored_numbers(str(tmp_path / cn.HDF5_NAME))
     assert_same_numbers(numbers, reference_numbers)
     traj = cn.load_sweep(str(tmp_path / cn.HDF5_NAME))
     assert [row["idx"] for row in cn.sweep_rows(traj)] == [0, 1, 2]
     assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
+    # The stimulus experiment had not started when the sweep was killed: --resume started it.
+    assert "resuming 'clustered_network'" in done.stdout
+    assert "experiment 'stimulus_response'" in done.stdout
 
 
 def test_resume_refuses_while_the_sweep_is_alive(tmp_path):
@@ -1260,7 +1277,7 @@ def test_replot_refuses_pickled_content_and_runs_nothing(reference, tmp_path, ca
     done = run_script("--replot", str(filename))
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr
-    assert f"{filename}: {node}:" in done.stderr and "refused" in done.stderr
+    assert f"{filename}: {cn.TRAJECTORY_NAME}.{node}:" in done.stderr and "refused" in done.stderr
     with pytest.raises(cn.SweepFileError, match=node.replace(".", r"\.")):
         cn.load_sweep(str(filename))
     assert not marker.exists()
@@ -1330,7 +1347,7 @@ def test_replot_of_another_programs_hdf5_file_says_so_in_one_line(tmp_path):
     done = run_script("--replot", str(other))
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr
-    assert "holds no 'clustered_network' sweep" in done.stderr
+    assert "holds no 'clustered_network' or 'stimulus_response' experiment" in done.stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1492,3 +1509,224 @@ def test_sweep_across_two_hosts_stores_the_same_numbers(reference_numbers, two_h
     ran_on = re.findall(r"^run \d+/\d+ done in \d+ s on (\S+):", done.stdout, re.MULTILINE)
     assert len(ran_on) >= len(R_TINY)
     assert two_hosts.names[1] in ran_on, ran_on  # at least one run on the second host
+
+
+# The example's science: spike-count correlations, the stimulus experiment on one pre-run network
+# (pre_run_network, a per-run stimulus component), the pathological-activity guard
+# --------------------------------------------------------------------------------------------------
+
+
+def test_count_correlations_equal_pearson_r_pair_by_pair():
+    rng = np.random.default_rng(0)
+    n, size, duration = 60, 10, 4.0
+    labels = np.arange(n) // size
+    # Each cluster shares a slow rate modulation, so same-cluster pairs correlate; neuron 5 is silent.
+    drive = rng.uniform(0.2, 3.0, size=(n // size, 40))
+    t, i = [], []
+    for neuron in range(n):
+        if neuron == 5:
+            continue
+        counts = rng.poisson(drive[labels[neuron]])
+        for k, c in enumerate(counts):
+            t.extend(rng.uniform(k * 0.1, (k + 1) * 0.1, c))
+            i.extend([neuron] * c)
+    result = cn.count_correlations(np.array(t), np.array(i), labels, 0.0, duration, 0.1,
+                                   n_sample=50, seed=1)
+
+    counts = cn.spike_counts(np.array(t), np.array(i), n, 0.0, duration, 0.1)
+    assert counts.shape == (n, 40) and counts.sum() == len(t)
+    taking_part = np.flatnonzero(counts.std(axis=1) > 0)
+    assert 5 not in taking_part and result["n_neurons"] == n - 1
+    r = np.corrcoef(counts[taking_part])
+    a, b = np.triu_indices(len(taking_part), 1)
+    same = labels[taking_part][a] == labels[taking_part][b]
+    assert result["same_cluster"] == pytest.approx(r[a, b][same].mean())
+    assert result["other_cluster"] == pytest.approx(r[a, b][~same].mean())
+    assert result["all"] == pytest.approx(r[a, b].mean())
+    assert result["same_cluster"] > 0.2 > 10 * abs(result["other_cluster"])
+    for kind, pairs in (("same_cluster", same), ("other_cluster", ~same)):
+        sample = result[f"sample_{kind}"]
+        assert len(sample) == 50
+        assert np.all(np.isin(np.round(sample, 10), np.round(r[a, b][pairs], 10)))
+
+
+def test_count_correlations_of_4000_neurons_take_seconds():
+    # No loop over the 8 million pairs: this must finish quickly (it takes a fraction of a second).
+    rng = np.random.default_rng(2)
+    t, i = rng.uniform(0, 10, 150_000), rng.integers(0, 4000, 150_000)
+    result = cn.count_correlations(t, i, cn.cluster_labels(4000, 80), 0, 10, 0.1)
+    assert abs(result["all"]) < 0.01 and result["n_neurons"] == 4000
+
+
+def test_example_stores_correlations_and_the_stimulus_experiment(reference):
+    folder, done = reference
+    filename = str(folder / cn.HDF5_NAME)
+    # Both experiments are trajectories of the same file.
+    assert cn.check_sweep_file(filename) == [cn.TRAJECTORY_NAME, cn.STIMULUS_TRAJECTORY_NAME]
+    for row in cn.sweep_rows(cn.load_sweep(filename)):
+        correlations = row["run"].f_get("statistics.correlations")
+        assert isinstance(correlations, cn.Brian2Result)
+        assert float(correlations.window / ms) == pytest.approx(100)
+        for name in ("same_cluster", "other_cluster", "all"):
+            assert -1 <= getattr(correlations, name) <= 1
+        assert len(correlations.sample_same_cluster) > 0
+    assert "r same" in done.stdout and "strength" in done.stdout
+
+    traj = cn.load_sweep(filename, cn.STIMULUS_TRAJECTORY_NAME)
+    assert traj.f_get("connections.R_ee").f_get() == 2.5
+    rows = cn.stimulus_rows(traj)
+    assert [row["strength"] for row in rows] == STRENGTHS_TINY
+    spikes = []
+    for row in rows:
+        quenching = row["run"].f_get("statistics.quenching")
+        assert isinstance(quenching, cn.Brian2Result)
+        np.testing.assert_allclose(np.asarray(quenching.window / cn.second), [0.1, 0.25, 0.5, 1.0])
+        assert quenching.ff_spontaneous.shape == quenching.ff_stimulus.shape == (4,)
+        assert float(quenching.rate_spontaneous / cn.Hz) > 0
+        assert len(quenching.clusters) == 2
+        monitor = row["run"].f_get("monitors.spikes_e")
+        spikes.append((np.asarray(monitor.t / cn.second), np.asarray(monitor.i)))
+    # Every run starts from the state the ONE pre-run left (0.1 s): the spontaneous periods of
+    # control and stimulus run are the same spike for spike, and the recording starts at 0.1 s.
+    (t0, i0), (t1, i1) = spikes
+    onset = 0.1 + 0.3
+    assert t0.min() >= 0.1 and t0.min() < 0.11
+    np.testing.assert_array_equal(t0[t0 < onset], t1[t1 < onset])
+    np.testing.assert_array_equal(i0[t0 < onset], i1[t1 < onset])
+    # The stimulus, built per run, really acts after the pre-run: the driven clusters fire more.
+    driven = np.isin(i1 // 80, rows[1]["clusters"])
+    after = t1 >= onset
+    assert np.count_nonzero(driven & after) > 1.1 * np.count_nonzero(
+        np.isin(i0 // 80, rows[1]["clusters"]) & (t0 >= onset))
+
+
+def stimulus_trajectory(name, strengths, scale=0.1, seed=3):
+    """The stimulus experiment's trajectory and manager as run_stimulus_experiment sets them up."""
+    args = cn.parse_args(["--scale", str(scale), "--seed", str(seed), "--target", "numpy",
+                          "--initial", "0.05", "--period", "0.1", "--stimulus-clusters", "2"])
+    traj = Trajectory(name, add_time=False)
+    cn.add_simulation_parameters(traj, args)
+    manager = cn.build_stimulus_manager(args)
+    manager.add_parameters(traj)
+    traj.f_get("connections.R_ee").f_set(2.5)
+    traj.f_explore({"strength": strengths})
+    return traj, manager
+
+
+def test_a_pickled_pre_run_manager_gives_the_same_numbers():
+    """pypet pickles the manager for resume and SCOOP: the copy must redo the pre-run, not skip it."""
+    import pickle
+
+    original_traj, manager = stimulus_trajectory("original", [0.0, 0.3])
+    manager.pre_run_network(original_traj)
+    copy = pickle.loads(pickle.dumps(manager))
+    assert copy._network is None and copy._redo == "pre_run"
+    without_redo = pickle.loads(pickle.dumps(manager))
+    without_redo._redo = None  # what a copy did before: build everything per run, no pre-run
+
+    def spikes_of_run(m, traj_name):
+        traj, _ = stimulus_trajectory(traj_name, [0.0, 0.3])
+        traj.v_idx = 1
+        m.run_network(traj)
+        spikes = spike_result(traj)
+        return np.asarray(spikes.t), np.asarray(spikes.i)
+
+    def spike_result(traj):
+        return next(leaf for leaf in traj.f_iter_leaves() if leaf.v_name == "spikes_e")
+
+    original_traj.v_idx = 1
+    manager.run_network(original_traj)
+    expected = spike_result(original_traj)
+    for m, traj_name in ((copy, "copy"), (without_redo, "without_redo")):
+        t, i = spikes_of_run(m, traj_name)
+        same = len(t) == len(expected.t) and np.array_equal(t, np.asarray(expected.t)) \
+            and np.array_equal(i, np.asarray(expected.i))
+        assert same == (m is copy), traj_name
+
+
+class SubrunLog(NetworkAnalyser):
+    """Stores the network time after every subrun that ran (listed last, after the guard)."""
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        traj.f_add_result(f"subruns_ran.{current_subrun.v_name}", float(network.t / ms))
+
+
+def test_guard_cancels_a_pathological_run_and_the_others_go_on(tmp_path):
+    # J_ei explored: the middle run has no inhibition onto E neurons, so E fires pathologically.
+    filename = str(tmp_path / "guard.hdf5")
+    env = Environment(trajectory=cn.TRAJECTORY_NAME, filename=filename, log_config=None,
+                      log_stdout=False, report_progress=False, add_time=False)
+    traj = env.trajectory
+    args = cn.parse_args(["--scale", "0.1", "--target", "numpy", "--initial", "0.1",
+                          "--measure", "0.3"])
+    cn.add_simulation_parameters(traj, args)
+    manager = cn.CNNetworkManager(
+        network_runner=cn.CNNetworkRunner(0.1 * cn.second, 0.3 * cn.second),
+        component_list=[cn.CNNeuronGroup(), cn.CNConnections()],
+        analyser_list=[cn.CNActivityGuard(), cn.CNMonitorAnalysis(), cn.CNFanoFactorComputer(),
+                       cn.CNCorrelationComputer(), SubrunLog()],
+    )
+    manager.add_parameters(traj)
+    j_ei = traj.f_get("connections.J_ei").f_get()
+    traj.f_explore({"J_ei": [j_ei, 0.0 * j_ei, j_ei]})
+    manager.pre_build(traj)
+    traj.f_store()
+    env.run(manager.run_network)
+    env.disable_logging()
+
+    back = cn.load_sweep(filename)
+    runs = [back.f_get(f"results.runs.{name}", shortcuts=False) for name in back.f_get_run_names()]
+    pathological = runs[1].f_get("statistics.pathological")
+    assert pathological.subrun == "initial_run" and pathological.cancelled == "measurement_run"
+    assert pathological.rate_e > pathological.max_rate_e == 100 * cn.Hz
+    assert "exceeds analysis.max_rate_e" in pathological.reason
+    # The cancelled subrun never ran: nothing after the initial run, no measurement results.
+    assert [leaf.v_name for leaf in runs[1].f_get("subruns_ran").f_iter_leaves()] == ["initial_run"]
+    assert not runs[1].f_contains("monitors") and not runs[1].f_contains("statistics.fano_factor")
+    # The runs before and after it ran both subruns normally, at a healthy rate.
+    for run in (runs[0], runs[2]):
+        assert run.f_get("subruns_ran.measurement_run").f_get() == pytest.approx(400)
+        assert not run.f_contains("statistics.pathological")
+        assert float(run.f_get("statistics.rates").e / cn.Hz) < 30
+    # Tables and figures show the finished runs and name the cancelled one.
+    rows = cn.sweep_rows(back)
+    assert [row["idx"] for row in rows] == [0, 2]
+    cancelled = cn.pathological_runs(back, "connections.J_ei")
+    assert [(idx, value) for idx, value, _ in cancelled] == [(1, 0.0)]
+    table = cn.format_table(rows, cn.pathological_runs(back, "connections.R_ee"))
+    assert "   1  1.00 pathological: mean E rate" in table and "cancelled: measurement_run" in table
+    assert len(cn.plot_all(back, rows, str(tmp_path))) == 7
+
+
+def test_command_line_experiment_and_cores():
+    args = cn.parse_args([])
+    assert args.experiment == "both" and args.ncores == os.cpu_count()
+    assert args.strengths == [0.0, 0.07, 0.15] and args.stimulus_r_ee == 2.5
+    assert cn.parse_args(["--experiment", "stimulus"]).experiment == "stimulus"
+    with pytest.raises(SystemExit):
+        cn.parse_args(["--experiment", "neither"])
+
+
+def test_resume_of_the_stimulus_experiment_redoes_the_pre_run(reference_numbers, tmp_path):
+    # Killed after its first run was stored, the stimulus experiment is resumed by a new process,
+    # whose manager is unpickled from pypet's resume files: it must pre-run again, the same way.
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *TINY, "--experiment", "stimulus", "--ncores", "1", "--no-plots",
+         "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE,
+        start_new_session=True,
+    )
+    for line in process.stdout:
+        if line.startswith(f"run 2/{len(STRENGTHS_TINY)} started"):
+            break
+    assert process.poll() is None, "the experiment ended before it could be killed"
+    assert list((tmp_path / "resume" / cn.STIMULUS_TRAJECTORY_NAME).glob("*.rcnt"))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    done = run_script("--experiment", "stimulus", "--resume", "--no-plots", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "resuming 'stimulus_response'" in done.stdout
+    expected = {key: value for key, value in reference_numbers.items()
+                if key.startswith(cn.STIMULUS_TRAJECTORY_NAME + ".")}
+    assert_same_numbers(stored_numbers(str(tmp_path / cn.HDF5_NAME)), expected)
