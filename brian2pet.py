@@ -36,7 +36,6 @@ import ast
 
 import numpy as np
 from brian2 import (
-    EventMonitor,
     Network,
     PopulationRateMonitor,
     SpikeMonitor,
@@ -172,8 +171,16 @@ def _evaluate_unit_node(node, text):
 # ---------------------------------------------------------------------------------------------------
 
 
+def _si_numbers(quantity):
+    """The numbers of ``quantity`` in SI base units: a float for a scalar, else a plain array.
+    They are the Quantity's own numbers (5 ms is 0.005), so nothing is rounded on the way."""
+    numbers = np.asarray(quantity)
+    return float(numbers) if numbers.shape == () else numbers
+
+
 class Brian2Parameter(Parameter):
-    """A pypet Parameter that also holds a scalar Brian2 Quantity, e.g. ``5 * ms``.
+    """A pypet Parameter that also holds a Brian2 Quantity: a scalar such as ``5 * ms`` or an
+    array of any shape such as ``[[6, 7, 8], [9, 10, 11]] * ms``.
 
     Explored values must all have the default's dimensions: a range of ms and mV is refused.
     """
@@ -185,18 +192,7 @@ class Brian2Parameter(Parameter):
         super().__init__(full_name, data, comment)
 
     def f_supports(self, data):
-        if isinstance(data, Quantity):
-            # A parameter is one value per run; arrays of quantities belong in a Brian2Result.
-            return data.shape == ()
-        return super().f_supports(data)
-
-    def f_set(self, data):
-        if isinstance(data, Quantity) and data.shape != ():
-            raise TypeError(
-                f"Brian2Parameter `{self.v_full_name}` holds a single Quantity, but got an array of "
-                f"shape {data.shape}. Store arrays in a Brian2Result, or explore the values one by one."
-            )
-        super().f_set(data)
+        return isinstance(data, Quantity) or super().f_supports(data)
 
     def _values_of_same_type(self, val1, val2):
         # Two quantities are "the same type" when their dimensions agree: 5 ms and 2 second are,
@@ -221,16 +217,25 @@ class Brian2Parameter(Parameter):
                         f"dimensions of the default {self._default!r}. Give every explored value "
                         f"in units of {unit!r}."
                     )
+            # The file keeps the range as one column of equally shaped arrays (the default has
+            # a table of its own). pypet.brian2 fails only when storing; here the range is refused.
+            shapes = {np.shape(value) for value in list(self._explored_range or ()) + values}
+            if len(shapes) > 1:
+                raise TypeError(
+                    f"Cannot explore `{self.v_full_name}` with arrays of the shapes "
+                    f"{sorted(shapes)}: every explored value of one parameter needs the same shape."
+                )
         return super()._data_sanity_checks(values)
 
     def _store(self):
         if not isinstance(self._data, Quantity):
             return super()._store()
         unit = get_unit_fast(self._data)
-        table = {"value": [float(np.asarray(self._data))], "unit": [repr(unit)]}
+        table = {"value": [_si_numbers(self._data)], "unit": [repr(unit)]}
         store_dict = {"data" + self.IDENTIFIER: ObjectTable(data=table)}
         if self.f_has_range():
-            explored = [float(np.asarray(value)) for value in self._explored_range]
+            # One row per run; an array parameter makes a column of arrays, one per row.
+            explored = [_si_numbers(value) for value in self._explored_range]
             store_dict["explored_data" + self.IDENTIFIER] = ObjectTable(data={"value": explored})
         self._locked = True
         return store_dict
@@ -328,13 +333,13 @@ def _copy_of(recorded):
 class Brian2MonitorResult(Brian2Result):
     """A Brian2Result that copies the data out of one Brian2 monitor (never the monitor itself).
 
-    Pass the monitor at construction or with ``f_set``. Names of the items it keeps:
-      SpikeMonitor           t, i, num_spikes, when, name, source, [record_variables, variables...]
-      EventMonitor           t, i, num_events, event, when, name, source, [record_variables, ...]
-      StateMonitor           t, record, when, record_variables, name, source, variables...
-      PopulationRateMonitor  t, rate, name, source
-    ``source`` is the name of the recorded group (text, not the group itself), and
-    ``v_monitor_type`` the monitor's class name.
+    Pass the monitor at construction or with ``f_set``. The items it keeps are pypet.brian2's:
+      SpikeMonitor           source, num_spikes, when, name, record_variables, and, once there
+                             are spikes, t, i and every recorded variable
+      StateMonitor           record_variables, record, when, source, name, and, once there are
+                             steps, t (plain seconds, as pypet.brian2 keeps it) and the variables
+      PopulationRateMonitor  source, name, and, once there are steps, t and rate
+    ``source`` is ``str()`` of the recorded group, and ``v_monitor_type`` the monitor's class name.
     """
 
     __slots__ = ("_monitor_type",)
@@ -349,7 +354,7 @@ class Brian2MonitorResult(Brian2Result):
         return self._monitor_type
 
     def f_set_single(self, name, item):
-        if isinstance(item, (EventMonitor, StateMonitor, PopulationRateMonitor)):
+        if isinstance(item, (SpikeMonitor, StateMonitor, PopulationRateMonitor)):
             if self.v_stored:
                 self._logger.warning(
                     f"Result `{self.v_full_name}` is already stored; the new monitor data reaches "
@@ -359,8 +364,8 @@ class Brian2MonitorResult(Brian2Result):
         elif isinstance(item, BrianObject):
             raise TypeError(
                 f"Brian2MonitorResult `{self.v_full_name}` cannot take {type(item).__name__} "
-                f"`{item.name}`: it extracts SpikeMonitor, EventMonitor, StateMonitor and "
-                f"PopulationRateMonitor data only. Store other objects' values in a Brian2Result."
+                f"`{item.name}`: it extracts SpikeMonitor, StateMonitor and PopulationRateMonitor "
+                f"data only. Store other objects' values in a Brian2Result."
             )
         else:
             super().f_set_single(name, item)
@@ -372,41 +377,41 @@ class Brian2MonitorResult(Brian2Result):
                 f"one result keeps one monitor. Use a new result for {type(monitor).__name__} "
                 f"`{monitor.name}`."
             )
-        # SpikeMonitor is a subclass of EventMonitor in Brian2, so it is asked first.
         if isinstance(monitor, SpikeMonitor):
-            self._extract_event_monitor(monitor, count_name="num_spikes")
-        elif isinstance(monitor, EventMonitor):
-            self._extract_event_monitor(monitor, count_name="num_events")
-            self.f_set(event=monitor.event)
+            self._extract_spike_monitor(monitor)
         elif isinstance(monitor, StateMonitor):
             self._extract_state_monitor(monitor)
         else:
             self._extract_population_rate_monitor(monitor)
         self._monitor_type = type(monitor).__name__
 
-    def _extract_event_monitor(self, monitor, count_name):
-        self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
-        self.f_set(**{count_name: int(monitor.num_events)})
-        if monitor.record:
+    # What is kept, and that a monitor which recorded nothing keeps no t (nor i, variables, rate),
+    # follows pypet.brian2, so that code reading results works unchanged with either module.
+
+    def _extract_spike_monitor(self, monitor):
+        self.f_set(source=str(monitor.source), num_spikes=monitor.num_spikes)
+        self.f_set(when=monitor.when, name=monitor.name)
+        if monitor.record_variables:
+            self.f_set(record_variables=list(monitor.record_variables))  # t and i among them
+        # A monitor made with record=False counts spikes but has no t to read.
+        if monitor.record and len(monitor.t) > 0:
             self.f_set(t=_copy_of(monitor.t), i=_copy_of(monitor.i))
-        # t and i are always recorded; record_variables lists the extra ones, if any.
-        extra = sorted(set(monitor.record_variables) - {"t", "i"})
-        if extra:
-            self.f_set(record_variables=extra)
-            for variable in extra:
+            for variable in monitor.record_variables:
                 self.f_set(**{variable: _copy_of(getattr(monitor, variable))})
 
     def _extract_state_monitor(self, monitor):
-        self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
-        self.f_set(record=np.asarray(monitor.record), record_variables=list(monitor.record_variables))
-        self.f_set(t=_copy_of(monitor.t))
-        for variable in monitor.record_variables:
-            # Brian2 already hands out a (neurons x steps) copy of a recorded variable.
-            self.f_set(**{variable: getattr(monitor, variable)})
+        self.f_set(record_variables=monitor.record_variables, record=monitor.record)
+        self.f_set(when=monitor.when, source=str(monitor.source), name=monitor.name)
+        if len(monitor.t) > 0:
+            self.f_set(t=np.array(monitor.t[:]))  # numbers in seconds, without the unit
+            for variable in monitor.record_variables:
+                # Brian2 already hands out a (neurons x steps) copy of a recorded variable.
+                self.f_set(**{variable: getattr(monitor, variable)})
 
     def _extract_population_rate_monitor(self, monitor):
-        self.f_set(name=monitor.name, source=monitor.source.name)
-        self.f_set(t=_copy_of(monitor.t), rate=_copy_of(monitor.rate))
+        self.f_set(source=str(monitor.source), name=monitor.name)
+        if len(monitor.t) > 0:
+            self.f_set(t=_copy_of(monitor.t), rate=_copy_of(monitor.rate))
 
     def _store(self):
         store_dict = super()._store()
