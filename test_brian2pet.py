@@ -5,6 +5,7 @@ Sections follow the module: units, containers, drop-in names, runner, manager.
 """
 
 import inspect
+import json
 import logging
 import os
 import signal
@@ -467,6 +468,75 @@ def test_module_does_not_import_matplotlib():
     source = open(os.path.join(HERE, "brian2pet.py")).read()
     assert "matplotlib" not in source.split('"""', 2)[2]  # only the docstring may mention it
 
+
+# -------------------------------------------------------------------------------------------------
+# Drop-in, measured by pypet's own tests of pypet.brian2 (issue 8)
+#
+# pypet ships its tests of pypet.brian2 inside the installed package. They are run here as they
+# are, from the installed pypet, with `pypet.brian2.parameter` and `pypet.brian2.network` answered
+# by brian2pet. That aliasing of sys.modules must not reach the rest of this suite, so they run in
+# a subprocess, inside a temporary folder where pypet's tests put their HDF5 and log files.
+# -------------------------------------------------------------------------------------------------
+
+PYPET_BRIAN2_TEST_MODULES = [
+    "pypet.tests.unittests.brian2tests.brian2_parameter_test",
+    "pypet.tests.unittests.brian2tests.brian2_monitor_test",
+    "pypet.tests.integration.brian2tests.network_test",
+    "pypet.tests.integration.brian2tests.hdf5_brian2_test",
+    "pypet.tests.integration.brian2tests.another_network_test",
+]
+
+# unittest's loader takes every TestCase in a module's namespace, so the counts include pypet's
+# ParameterTest and ResultTest, which the Brian2 test modules import to subclass (108 + 51 + 3 + 3
+# + 1). The same 166 with pypet 0.6.1 (Python 3.11) and pypet 0.7.0 (Python 3.13).
+PYPET_BRIAN2_TEST_COUNT = 166
+
+RUN_PYPET_BRIAN2_TESTS = """
+import importlib, json, sys, unittest
+here, temp_folder, modules = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.path.insert(0, here)
+import brian2
+brian2.prefs.codegen.target = "numpy"
+import brian2pet
+# Before pypet.brian2 itself is imported, so that its __init__ also takes brian2pet's classes.
+sys.modules["pypet.brian2.parameter"] = sys.modules["pypet.brian2.network"] = brian2pet
+import pypet.brian2
+pypet.brian2.parameter = pypet.brian2.network = brian2pet
+from pypet.tests.testutils import ioutils
+ioutils.testParams["user_tempdir"] = temp_folder
+ioutils.prepare_log_config()
+suite = unittest.TestSuite()
+not_ours = []
+for name in modules:
+    module = importlib.import_module(name)
+    suite.addTests(unittest.defaultTestLoader.loadTestsFromModule(module))
+    for attr in brian2pet.__all__:  # every pypet.brian2 name the test module holds is brian2pet's
+        if hasattr(module, attr) and getattr(module, attr) is not getattr(brian2pet, attr):
+            not_ours.append(name + "." + attr)
+result = unittest.TextTestRunner(stream=sys.stdout, verbosity=1).run(suite)
+print(json.dumps({
+    "ran": result.testsRun,
+    "failed": [test.id() for test, _ in result.failures + result.errors],
+    "skipped": [test.id() for test, _ in result.skipped],
+    "not_brian2pet": not_ours,
+}))
+"""
+
+
+def test_pypet_brian2_own_tests_pass_against_brian2pet(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # pypet falls back to tempfile's folder
+    completed = subprocess.run(
+        [sys.executable, "-c", RUN_PYPET_BRIAN2_TESTS, HERE, str(tmp_path / "pypet_tests"),
+         *PYPET_BRIAN2_TEST_MODULES],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["not_brian2pet"] == []
+    assert summary["failed"] == [], output[-5000:]
+    assert summary["skipped"] == []
+    assert summary["ran"] == PYPET_BRIAN2_TEST_COUNT
 
 
 # -------------------------------------------------------------------------------------------------
