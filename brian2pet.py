@@ -19,17 +19,20 @@ Reading order follows the spec:
   4. The runner             NetworkRunner and its _execute_network_run                (7.4.2, 7.5)
   5. The manager            NetworkManager                                            (7.2, 7.3)
 
-Where this module and pypet.brian2 differ, on purpose:
+Where this module and pypet.brian2 differ, on purpose (everything else is pypet.brian2's behaviour,
+checked by running pypet's own tests of pypet.brian2 against this module):
   - Several runs in ONE process work. pypet.brian2 keeps one brian_list for its whole life, so a
     second run hands the first run's objects to a new Network and Brian2 refuses them ("has already
     been simulated"). Here every run starts from a copy of what pre_build left, and the pre-built
     objects live in one Network whose state is restored at the start of each run.
   - After a pre-run, the objects that components make in build() are simulated. pypet.brian2
     silently leaves them out of the pre-run network.
-  - Unit text read back from a file is parsed from a small whitelist, never evaluated.
-  - A brian_list item that is not a Brian2 object is refused at once, naming the component.
-  - EventMonitor is supported, empty monitors store and load, and a subrun group that holds no
-    duration is an error instead of a run that silently simulates nothing.
+  - Unit text read back from a file is parsed from a small whitelist, never evaluated: a file may
+    come from anyone.
+  - Errors name the culprit where pypet.brian2 goes on silently or fails far away: a brian_list
+    item that is not a Brian2 object names its component, a subrun group without durations is an
+    error, explored values of other dimensions or shapes are named, and pre_build happens once
+    (pypet.brian2 builds twice when pre_run_network follows pre_build).
 """
 
 import ast
@@ -396,7 +399,7 @@ class Brian2MonitorResult(Brian2Result):
         # A monitor made with record=False counts spikes but has no t to read.
         if monitor.record and len(monitor.t) > 0:
             self.f_set(t=_copy_of(monitor.t), i=_copy_of(monitor.i))
-            for variable in monitor.record_variables:
+            for variable in sorted(set(monitor.record_variables) - {"t", "i"}):
                 self.f_set(**{variable: _copy_of(getattr(monitor, variable))})
 
     def _extract_state_monitor(self, monitor):
@@ -626,9 +629,11 @@ class NetworkManager(HasLogger):
     def pre_build(self, traj):
         """Build, once, what stays the same in every run (spec 7.3, optional)."""
         if self._pre_built:
+            # pypet.brian2 would build every pre-built object a second time and simulate both.
             raise RuntimeError(
-                "This manager is already pre-built; pre_build (and pre_run_network, which calls "
-                "it) may be called once. Make a new NetworkManager for a new exploration."
+                "This manager is already pre-built; pre_build may be called once, and "
+                "pre_run_network calls it by itself (call pre_run_network instead of pre_build, "
+                "not after it). Make a new NetworkManager for a new exploration."
             )
         self._call_builders("pre_build", traj, self._brian_list, self._network_dict)
         self._pre_built = True
@@ -658,8 +663,7 @@ class NetworkManager(HasLogger):
 
     def pre_run_network(self, traj):
         """Pre-build, then simulate the pre-durations once; every run starts from that state."""
-        if not self._pre_built:
-            self.pre_build(traj)
+        self.pre_build(traj)
         self._logger.info("Pre-running the network")
         network = self._network_constructor(*self._brian_list)
         self.network_runner.execute_network_pre_run(

@@ -539,6 +539,20 @@ def test_pypet_brian2_own_tests_pass_against_brian2pet(tmp_path):
     assert summary["ran"] == PYPET_BRIAN2_TEST_COUNT
 
 
+# What differs from pypet.brian2 on purpose is listed in README's "What differs"; a pre_build that
+# pypet.brian2 would repeat (and simulate twice) is one of its errors that name the culprit.
+def test_pre_build_happens_once_and_pre_run_network_does_it_itself():
+    manager = spy_manager([], group_in="pre_build")
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    traj.f_add_parameter(Brian2Parameter, "simulation.pre_durations.warmup", 4 * ms).v_annotations.order = 0
+    manager.pre_build(traj)
+    with pytest.raises(RuntimeError, match="call pre_run_network instead of pre_build"):
+        manager.pre_run_network(traj)
+    with pytest.raises(RuntimeError, match="already pre-built"):
+        manager.pre_build(traj)
+
+
 # -------------------------------------------------------------------------------------------------
 # Spies: components that log every call, on a real little network
 # -------------------------------------------------------------------------------------------------
