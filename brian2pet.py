@@ -39,6 +39,7 @@ import ast
 
 import numpy as np
 from brian2 import (
+    EventMonitor,
     Network,
     PopulationRateMonitor,
     SpikeMonitor,
@@ -339,6 +340,8 @@ class Brian2MonitorResult(Brian2Result):
     Pass the monitor at construction or with ``f_set``. The items it keeps are pypet.brian2's:
       SpikeMonitor           source, num_spikes, when, name, record_variables, and, once there
                              are spikes, t, i and every recorded variable
+      EventMonitor           the same with num_events, plus event (the spec's "any kind of
+                             monitor"; pypet.brian2 refuses an EventMonitor)
       StateMonitor           record_variables, record, when, source, name, and, once there are
                              steps, t (plain seconds, as pypet.brian2 keeps it) and the variables
       PopulationRateMonitor  source, name, and, once there are steps, t and rate
@@ -357,7 +360,7 @@ class Brian2MonitorResult(Brian2Result):
         return self._monitor_type
 
     def f_set_single(self, name, item):
-        if isinstance(item, (SpikeMonitor, StateMonitor, PopulationRateMonitor)):
+        if isinstance(item, (EventMonitor, StateMonitor, PopulationRateMonitor)):
             if self.v_stored:
                 self._logger.warning(
                     f"Result `{self.v_full_name}` is already stored; the new monitor data reaches "
@@ -367,8 +370,8 @@ class Brian2MonitorResult(Brian2Result):
         elif isinstance(item, BrianObject):
             raise TypeError(
                 f"Brian2MonitorResult `{self.v_full_name}` cannot take {type(item).__name__} "
-                f"`{item.name}`: it extracts SpikeMonitor, StateMonitor and PopulationRateMonitor "
-                f"data only. Store other objects' values in a Brian2Result."
+                f"`{item.name}`: it extracts SpikeMonitor, EventMonitor, StateMonitor and "
+                f"PopulationRateMonitor data only. Store other objects' values in a Brian2Result."
             )
         else:
             super().f_set_single(name, item)
@@ -380,8 +383,12 @@ class Brian2MonitorResult(Brian2Result):
                 f"one result keeps one monitor. Use a new result for {type(monitor).__name__} "
                 f"`{monitor.name}`."
             )
+        # SpikeMonitor is a subclass of EventMonitor in Brian2, so it is asked first.
         if isinstance(monitor, SpikeMonitor):
-            self._extract_spike_monitor(monitor)
+            self._extract_event_monitor(monitor, count_name="num_spikes")
+        elif isinstance(monitor, EventMonitor):
+            self._extract_event_monitor(monitor, count_name="num_events")
+            self.f_set(event=monitor.event)
         elif isinstance(monitor, StateMonitor):
             self._extract_state_monitor(monitor)
         else:
@@ -391,8 +398,8 @@ class Brian2MonitorResult(Brian2Result):
     # What is kept, and that a monitor which recorded nothing keeps no t (nor i, variables, rate),
     # follows pypet.brian2, so that code reading results works unchanged with either module.
 
-    def _extract_spike_monitor(self, monitor):
-        self.f_set(source=str(monitor.source), num_spikes=monitor.num_spikes)
+    def _extract_event_monitor(self, monitor, count_name):
+        self.f_set(source=str(monitor.source), **{count_name: getattr(monitor, count_name)})
         self.f_set(when=monitor.when, name=monitor.name)
         if monitor.record_variables:
             self.f_set(record_variables=list(monitor.record_variables))  # t and i among them
