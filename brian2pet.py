@@ -402,7 +402,9 @@ class Brian2MonitorResult(Brian2Result):
         self.f_set(source=str(monitor.source), **{count_name: getattr(monitor, count_name)})
         self.f_set(when=monitor.when, name=monitor.name)
         if monitor.record_variables:
-            self.f_set(record_variables=list(monitor.record_variables))  # t and i among them
+            # t and i among them. Brian2 keeps a set, whose order changes from process to
+            # process; sorted, every process stores the same list.
+            self.f_set(record_variables=sorted(monitor.record_variables))
         # A monitor made with record=False counts spikes but has no t to read.
         if monitor.record and len(monitor.t) > 0:
             self.f_set(t=_copy_of(monitor.t), i=_copy_of(monitor.i))
