@@ -186,7 +186,8 @@ class Brian2Parameter(Parameter):
     """A pypet Parameter that also holds a Brian2 Quantity: a scalar such as ``5 * ms`` or an
     array of any shape such as ``[[6, 7, 8], [9, 10, 11]] * ms``.
 
-    Explored values must all have the default's dimensions: a range of ms and mV is refused.
+    Explored values must all have the default's dimensions (a range of ms and mV is refused), and
+    explored arrays one shape.
     """
 
     IDENTIFIER = "__brn2__"
