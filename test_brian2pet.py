@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -513,7 +514,10 @@ sys.modules["pypet.brian2.parameter"] = sys.modules["pypet.brian2.network"] = br
 import pypet.brian2
 pypet.brian2.parameter = pypet.brian2.network = brian2pet
 from pypet.tests.testutils import ioutils
-ioutils.testParams["user_tempdir"] = temp_folder
+# `import pypet` already made its test helpers choose tempfile's folder; the files go to ours
+# instead, and stay there until the test has seen where they went (it then removes them).
+ioutils.testParams["user_tempdir"] = ioutils.testParams["actual_tempdir"] = temp_folder
+ioutils.testParams["remove"] = False
 ioutils.prepare_log_config()
 suite = unittest.TestSuite()
 not_ours = []
@@ -534,7 +538,7 @@ print(json.dumps({
 
 
 def test_pypet_brian2_own_tests_pass_against_brian2pet(tmp_path):
-    env = dict(os.environ, TMPDIR=str(tmp_path))  # pypet falls back to tempfile's folder
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # for anything that asks tempfile for a folder
     completed = subprocess.run(
         [sys.executable, "-c", RUN_PYPET_BRIAN2_TESTS, HERE, str(tmp_path / "pypet_tests"),
          *PYPET_BRIAN2_TEST_MODULES],
@@ -547,6 +551,11 @@ def test_pypet_brian2_own_tests_pass_against_brian2pet(tmp_path):
     assert summary["failed"] == [], output[-5000:]
     assert summary["skipped"] == []
     assert summary["ran"] == PYPET_BRIAN2_TEST_COUNT
+    # Their HDF5 files went to the folder given to them. `import pypet` itself makes the folder
+    # tmp_pypet_tests in tempfile's folder (here tmp_path), where some of their logs went.
+    assert len(list((tmp_path / "pypet_tests").glob("**/*.hdf5"))) > 10
+    assert set(os.listdir(tmp_path)) <= {"pypet_tests", "tmp_pypet_tests"}
+    shutil.rmtree(tmp_path)  # some 50 MB
 
 
 # What differs from pypet.brian2 on purpose is listed in README's "What differs"; a pre_build that
