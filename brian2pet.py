@@ -19,17 +19,20 @@ Reading order follows the spec:
   4. The runner             NetworkRunner and its _execute_network_run                (7.4.2, 7.5)
   5. The manager            NetworkManager                                            (7.2, 7.3)
 
-Where this module and pypet.brian2 differ, on purpose:
+Where this module and pypet.brian2 differ, on purpose (everything else is pypet.brian2's behaviour,
+checked by running pypet's own tests of pypet.brian2 against this module):
   - Several runs in ONE process work. pypet.brian2 keeps one brian_list for its whole life, so a
     second run hands the first run's objects to a new Network and Brian2 refuses them ("has already
     been simulated"). Here every run starts from a copy of what pre_build left, and the pre-built
     objects live in one Network whose state is restored at the start of each run.
   - After a pre-run, the objects that components make in build() are simulated. pypet.brian2
     silently leaves them out of the pre-run network.
-  - Unit text read back from a file is parsed from a small whitelist, never evaluated.
-  - A brian_list item that is not a Brian2 object is refused at once, naming the component.
-  - EventMonitor is supported, empty monitors store and load, and a subrun group that holds no
-    duration is an error instead of a run that silently simulates nothing.
+  - Unit text read back from a file is parsed from a small whitelist, never evaluated: a file may
+    come from anyone.
+  - Errors name the culprit where pypet.brian2 goes on silently or fails far away: a brian_list
+    item that is not a Brian2 object names its component, a subrun group without durations is an
+    error, explored values of other dimensions or shapes are named, and pre_build happens once
+    (pypet.brian2 builds twice when pre_run_network follows pre_build).
 """
 
 import ast
@@ -172,10 +175,19 @@ def _evaluate_unit_node(node, text):
 # ---------------------------------------------------------------------------------------------------
 
 
-class Brian2Parameter(Parameter):
-    """A pypet Parameter that also holds a scalar Brian2 Quantity, e.g. ``5 * ms``.
+def _si_numbers(quantity):
+    """The numbers of ``quantity`` in SI base units: a float for a scalar, else a plain array.
+    They are the Quantity's own numbers (5 ms is 0.005), so nothing is rounded on the way."""
+    numbers = np.asarray(quantity)
+    return float(numbers) if numbers.shape == () else numbers
 
-    Explored values must all have the default's dimensions: a range of ms and mV is refused.
+
+class Brian2Parameter(Parameter):
+    """A pypet Parameter that also holds a Brian2 Quantity: a scalar such as ``5 * ms`` or an
+    array of any shape such as ``[[6, 7, 8], [9, 10, 11]] * ms``.
+
+    Explored values must all have the default's dimensions (a range of ms and mV is refused), and
+    explored arrays one shape.
     """
 
     IDENTIFIER = "__brn2__"
@@ -185,18 +197,7 @@ class Brian2Parameter(Parameter):
         super().__init__(full_name, data, comment)
 
     def f_supports(self, data):
-        if isinstance(data, Quantity):
-            # A parameter is one value per run; arrays of quantities belong in a Brian2Result.
-            return data.shape == ()
-        return super().f_supports(data)
-
-    def f_set(self, data):
-        if isinstance(data, Quantity) and data.shape != ():
-            raise TypeError(
-                f"Brian2Parameter `{self.v_full_name}` holds a single Quantity, but got an array of "
-                f"shape {data.shape}. Store arrays in a Brian2Result, or explore the values one by one."
-            )
-        super().f_set(data)
+        return isinstance(data, Quantity) or super().f_supports(data)
 
     def _values_of_same_type(self, val1, val2):
         # Two quantities are "the same type" when their dimensions agree: 5 ms and 2 second are,
@@ -221,16 +222,25 @@ class Brian2Parameter(Parameter):
                         f"dimensions of the default {self._default!r}. Give every explored value "
                         f"in units of {unit!r}."
                     )
+            # The file keeps the range as one column of equally shaped arrays (the default has
+            # a table of its own). pypet.brian2 fails only when storing; here the range is refused.
+            shapes = {np.shape(value) for value in list(self._explored_range or ()) + values}
+            if len(shapes) > 1:
+                raise TypeError(
+                    f"Cannot explore `{self.v_full_name}` with arrays of the shapes "
+                    f"{sorted(shapes)}: every explored value of one parameter needs the same shape."
+                )
         return super()._data_sanity_checks(values)
 
     def _store(self):
         if not isinstance(self._data, Quantity):
             return super()._store()
         unit = get_unit_fast(self._data)
-        table = {"value": [float(np.asarray(self._data))], "unit": [repr(unit)]}
+        table = {"value": [_si_numbers(self._data)], "unit": [repr(unit)]}
         store_dict = {"data" + self.IDENTIFIER: ObjectTable(data=table)}
         if self.f_has_range():
-            explored = [float(np.asarray(value)) for value in self._explored_range]
+            # One row per run; an array parameter makes a column of arrays, one per row.
+            explored = [_si_numbers(value) for value in self._explored_range]
             store_dict["explored_data" + self.IDENTIFIER] = ObjectTable(data={"value": explored})
         self._locked = True
         return store_dict
@@ -328,13 +338,15 @@ def _copy_of(recorded):
 class Brian2MonitorResult(Brian2Result):
     """A Brian2Result that copies the data out of one Brian2 monitor (never the monitor itself).
 
-    Pass the monitor at construction or with ``f_set``. Names of the items it keeps:
-      SpikeMonitor           t, i, num_spikes, when, name, source, [record_variables, variables...]
-      EventMonitor           t, i, num_events, event, when, name, source, [record_variables, ...]
-      StateMonitor           t, record, when, record_variables, name, source, variables...
-      PopulationRateMonitor  t, rate, name, source
-    ``source`` is the name of the recorded group (text, not the group itself), and
-    ``v_monitor_type`` the monitor's class name.
+    Pass the monitor at construction or with ``f_set``. The items it keeps are pypet.brian2's:
+      SpikeMonitor           source, num_spikes, when, name, record_variables, and, once there
+                             are spikes, t, i and every recorded variable
+      EventMonitor           the same with num_events, plus event (the spec's "any kind of
+                             monitor"; pypet.brian2 refuses an EventMonitor)
+      StateMonitor           record_variables, record, when, source, name, and, once there are
+                             steps, t (plain seconds, as pypet.brian2 keeps it) and the variables
+      PopulationRateMonitor  source, name, and, once there are steps, t and rate
+    ``source`` is ``str()`` of the recorded group, and ``v_monitor_type`` the monitor's class name.
     """
 
     __slots__ = ("_monitor_type",)
@@ -384,29 +396,35 @@ class Brian2MonitorResult(Brian2Result):
             self._extract_population_rate_monitor(monitor)
         self._monitor_type = type(monitor).__name__
 
+    # What is kept, and that a monitor which recorded nothing keeps no t (nor i, variables, rate),
+    # follows pypet.brian2, so that code reading results works unchanged with either module.
+
     def _extract_event_monitor(self, monitor, count_name):
-        self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
-        self.f_set(**{count_name: int(monitor.num_events)})
-        if monitor.record:
+        self.f_set(source=str(monitor.source), **{count_name: getattr(monitor, count_name)})
+        self.f_set(when=monitor.when, name=monitor.name)
+        if monitor.record_variables:
+            # t and i among them. Brian2 keeps a set, whose order changes from process to
+            # process; sorted, every process stores the same list.
+            self.f_set(record_variables=sorted(monitor.record_variables))
+        # A monitor made with record=False counts spikes but has no t to read.
+        if monitor.record and len(monitor.t) > 0:
             self.f_set(t=_copy_of(monitor.t), i=_copy_of(monitor.i))
-        # t and i are always recorded; record_variables lists the extra ones, if any.
-        extra = sorted(set(monitor.record_variables) - {"t", "i"})
-        if extra:
-            self.f_set(record_variables=extra)
-            for variable in extra:
+            for variable in sorted(set(monitor.record_variables) - {"t", "i"}):
                 self.f_set(**{variable: _copy_of(getattr(monitor, variable))})
 
     def _extract_state_monitor(self, monitor):
-        self.f_set(name=monitor.name, source=monitor.source.name, when=monitor.when)
-        self.f_set(record=np.asarray(monitor.record), record_variables=list(monitor.record_variables))
-        self.f_set(t=_copy_of(monitor.t))
-        for variable in monitor.record_variables:
-            # Brian2 already hands out a (neurons x steps) copy of a recorded variable.
-            self.f_set(**{variable: getattr(monitor, variable)})
+        self.f_set(record_variables=monitor.record_variables, record=monitor.record)
+        self.f_set(when=monitor.when, source=str(monitor.source), name=monitor.name)
+        if len(monitor.t) > 0:
+            self.f_set(t=np.array(monitor.t[:]))  # numbers in seconds, without the unit
+            for variable in monitor.record_variables:
+                # Brian2 already hands out a (neurons x steps) copy of a recorded variable.
+                self.f_set(**{variable: getattr(monitor, variable)})
 
     def _extract_population_rate_monitor(self, monitor):
-        self.f_set(name=monitor.name, source=monitor.source.name)
-        self.f_set(t=_copy_of(monitor.t), rate=_copy_of(monitor.rate))
+        self.f_set(source=str(monitor.source), name=monitor.name)
+        if len(monitor.t) > 0:
+            self.f_set(t=_copy_of(monitor.t), rate=_copy_of(monitor.rate))
 
     def _store(self):
         store_dict = super()._store()
@@ -622,9 +640,11 @@ class NetworkManager(HasLogger):
     def pre_build(self, traj):
         """Build, once, what stays the same in every run (spec 7.3, optional)."""
         if self._pre_built:
+            # pypet.brian2 would build every pre-built object a second time and simulate both.
             raise RuntimeError(
-                "This manager is already pre-built; pre_build (and pre_run_network, which calls "
-                "it) may be called once. Make a new NetworkManager for a new exploration."
+                "This manager is already pre-built; pre_build may be called once, and "
+                "pre_run_network calls it by itself (call pre_run_network instead of pre_build, "
+                "not after it). Make a new NetworkManager for a new exploration."
             )
         self._call_builders("pre_build", traj, self._brian_list, self._network_dict)
         self._pre_built = True
@@ -654,8 +674,7 @@ class NetworkManager(HasLogger):
 
     def pre_run_network(self, traj):
         """Pre-build, then simulate the pre-durations once; every run starts from that state."""
-        if not self._pre_built:
-            self.pre_build(traj)
+        self.pre_build(traj)
         self._logger.info("Pre-running the network")
         network = self._network_constructor(*self._brian_list)
         self.network_runner.execute_network_pre_run(
