@@ -1748,7 +1748,7 @@ def test_example_stores_correlations_and_the_stimulus_experiment(reference):
     folder, done = reference
     filename = str(folder / cn.HDF5_NAME)
     # Both experiments are trajectories of the same file.
-    assert cn.check_sweep_file(filename) == [cn.TRAJECTORY_NAME, cn.STIMULUS_TRAJECTORY_NAME]
+    assert cn.stored_experiments(filename) == [cn.TRAJECTORY_NAME, cn.STIMULUS_TRAJECTORY_NAME]
     for row in cn.sweep_rows(cn.load_sweep(filename)):
         correlations = row["run"].f_get("statistics.correlations")
         assert isinstance(correlations, cn.Brian2Result)
