@@ -1166,3 +1166,49 @@ def test_resume_refuses_while_the_sweep_is_alive(tmp_path):
         done = run_script("--resume", "--out", str(tmp_path))
     assert done.returncode != 0
     assert "still running" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C, SIGTERM, SIGKILL (issue 9): a stopped subrun is never stored as finished; the example
+# stops cleanly on Ctrl-C and SIGTERM, and resumes after SIGKILL anywhere, also inside HDF5 writes.
+# --------------------------------------------------------------------------------------------------
+
+
+class StopAt(NetworkComponent):
+    """A network_operation that, at simulated time ``at``, sends this process a real SIGINT or
+    calls Brian2's stop(); ``what`` says which."""
+
+    def __init__(self, what, at=5 * ms):
+        self.what, self.at = what, at
+
+    def build(self, traj, brian_list, network_dict):
+        def act(t):
+            if abs(t - self.at) < 0.05 * ms:
+                if self.what == "sigint":
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    brian2.stop()
+
+        brian_list.append(brian2.NetworkOperation(act, dt=0.1 * ms))
+
+
+@pytest.mark.parametrize("what", ["sigint", "stop"])
+def test_ctrl_c_during_a_subrun_raises_and_stop_is_analysed(what):
+    log = []
+    durations = (("first", 0, 20 * ms), ("second", 1, 10 * ms))
+    components = [SpyComponent("c1", log, makes_group="build"), StopAt(what)]
+    manager = NetworkManager(SpyRunner(log, durations), components, [SpyAnalyser("a1", log)])
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    assert signal.getsignal(signal.SIGINT) is brian2._int_handler  # Brian2's Ctrl-C handling is on
+    if what == "sigint":
+        with pytest.raises(KeyboardInterrupt, match=r"subrun `first` at t = 5\.\d* ms"):
+            manager.run_network(traj)
+        assert subruns_seen(log) == []  # the truncated subrun reached no analyser
+    else:
+        manager.run_network(traj)
+        # stop() is the model's choice: the first subrun is analysed where it stopped, the next runs
+        times = [e[3] for e in log if e[:2] == ("a1", "analyse")]
+        assert subruns_seen(log) == ["first", "second"]
+        assert times[0] == pytest.approx(5.0, abs=0.2) and times[1] == pytest.approx(times[0] + 10)
+    assert signal.getsignal(signal.SIGINT) is brian2._int_handler  # the wrapper is gone again
