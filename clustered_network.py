@@ -33,8 +33,13 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import json
+import logging
+import multiprocessing
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 
@@ -54,6 +59,7 @@ from brian2 import (
     second,
 )
 from brian2 import seed as brian2_seed
+from pypet.storageservice import HDF5StorageService
 
 from brian2pet import (
     Brian2MonitorResult,
@@ -872,7 +878,7 @@ def hold_sweep_lock(folder):
     """Take the folder's sweep lock or exit, so that no two processes write one sweep.
 
     The lock is an flock on a file that forked workers inherit: it is held while ANY process of a
-    sweep lives, also workers that outlived a killed parent (which would race a resumed sweep).
+    sweep lives. Workers die with their parent (workers_die_with_this_process), so it goes with it.
     """
     path = os.path.join(folder, "sweep.lock")
     handle = open(path, "a+")
@@ -882,14 +888,280 @@ def hold_sweep_lock(folder):
         handle.seek(0)
         owner = handle.read().strip() or "unknown"
         sys.exit(
-            f"clustered_network.py: error: a sweep in {folder} is still running ({owner}); stop "
-            f"its whole process group first, e.g. kill -- -PGID (find it: fuser -v {path})"
+            f"clustered_network.py: error: a sweep in {folder} is still running ({owner}); wait "
+            f"for it, or stop it (kill PID; its workers stop with it) and then --resume"
         )
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}, process group {os.getpgrp()}\n")
     handle.flush()
     return handle  # the lock lives as long as this handle stays open
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping and resuming: Ctrl-C, SIGTERM and SIGKILL at any moment
+#
+# - Ctrl-C (SIGINT) and SIGTERM end the sweep with exit status 130 / 143. A run they interrupt is not
+#   stored as finished (brian2pet's runner raises on a subrun that Ctrl-C cut short), the workers
+#   are stopped with the parent, and the finished runs and the resume command are printed.
+# - A signal that arrives while the HDF5 file is written waits until the write is done.
+# - SIGKILL may come anywhere, also inside a write. So before every write the storage service
+#   copies the file aside and drops the copy when the write is done: --resume puts the copy back
+#   when a write was cut short, removes runs that were stored but never counted as finished, and
+#   lets pypet re-run exactly the unfinished runs. Killed before pypet noted its first run, the
+#   sweep starts afresh from the settings saved at its start.
+# - Forked workers die with their parent (prctl PR_SET_PDEATHSIG): none outlives a killed sweep
+#   holding its lock, and a worker that dies makes its run fail while the others go on.
+# ---------------------------------------------------------------------------------------------------
+
+
+class SweepStopped(BaseException):
+    """SIGTERM arrived. A BaseException, as KeyboardInterrupt is, so no `except Exception` eats it."""
+
+
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+
+# While the HDF5 file is written, a signal's exception is held back and raised after the write.
+_writing = {"depth": 0, "pending": None}
+
+
+def _stop_on_signal(signum, frame, brian2_handler):
+    if _writing["depth"]:
+        _writing["pending"] = signum
+    elif signum == signal.SIGTERM:
+        raise SweepStopped("SIGTERM")
+    else:  # Brian2's handler: a stop request inside Network.run, KeyboardInterrupt elsewhere
+        brian2_handler(signum, frame)
+
+
+def stop_cleanly_on_signals():
+    """Route SIGINT and SIGTERM of this (main) process through _stop_on_signal."""
+    brian2_handler = signal.getsignal(signal.SIGINT)
+    if not callable(brian2_handler):
+        brian2_handler = signal.default_int_handler
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda n, f: _stop_on_signal(n, f, brian2_handler))
+    # pypet logs every exception of a run with its traceback; an interrupted run is no error.
+    logging.getLogger("pypet").addFilter(
+        lambda record: not (record.exc_info and isinstance(record.exc_info[1], _STOPS))
+    )
+
+
+_STOPS = (KeyboardInterrupt, SweepStopped)
+
+
+def workers_die_with_this_process():
+    """Make every process forked from here on die when the process that forked it dies.
+
+    pypet forks a worker per run (use_pool=False), and a forked process outlives its parent by
+    default. The check after prctl catches a parent that died before prctl took effect. Workers
+    ignore Ctrl-C (the terminal sends it to the whole process group): the parent stops them.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    forking = {}
+
+    def before():
+        forking["pid"] = os.getpid()
+
+    def in_child():
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != forking["pid"]:
+            os._exit(1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
+
+
+def stop_workers(timeout=5.0):
+    """Terminate this process's forked workers and wait for them (they die at once on SIGTERM)."""
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    deadline = time.time() + timeout
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.time()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def copy_name(filename):
+    return filename + ".before-write"
+
+
+def _replace_atomically(source, target, copy):
+    """Copy (or move) ``source`` to ``target`` so that ``target`` is either old or complete."""
+    partial = target + ".partial"
+    if copy:
+        shutil.copyfile(source, partial)
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+    else:
+        partial = source
+    os.replace(partial, target)
+    folder = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash of the machine
+    finally:
+        os.close(folder)
+
+
+class RecoverableHDF5StorageService(HDF5StorageService):
+    """pypet's HDF5 storage, with a copy of the file taken before each store and dropped after it.
+
+    A copy that still exists when --resume starts means its store was cut short: the copy is the
+    file as it was before that store. Stores called from within a store (pypet stores a list of
+    items one by one) are covered by the outer one. Signals wait until the store is done.
+    """
+
+    def store(self, msg, stuff_to_store, *args, **kwargs):
+        if _writing["depth"]:
+            return super().store(msg, stuff_to_store, *args, **kwargs)
+        _writing["depth"] += 1
+        try:
+            if os.path.exists(self._filename):
+                _replace_atomically(self._filename, copy_name(self._filename), copy=True)
+            result = super().store(msg, stuff_to_store, *args, **kwargs)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy_name(self._filename))
+            return result
+        finally:
+            _writing["depth"] -= 1
+            pending, _writing["pending"] = _writing["pending"], None
+            if pending == signal.SIGINT:
+                raise KeyboardInterrupt
+            if pending == signal.SIGTERM:
+                raise SweepStopped("SIGTERM")
+
+
+class SweepFileDamaged(RuntimeError):
+    """The sweep's HDF5 file cannot be read and there is no copy from before a write."""
+
+
+def settings_file(resume_folder, trajectory_name):
+    return os.path.join(resume_folder, f"{trajectory_name}.settings.json")
+
+
+# What defines a sweep's runs; --ncores and --out may differ when it is resumed.
+SWEEP_SETTINGS = ("scale", "r_ee", "measure", "initial", "seed", "target")
+
+
+def save_settings(args, resume_folder, trajectory_name):
+    """Keep the sweep's settings (plain JSON) until it finishes, to start afresh if need be."""
+    os.makedirs(resume_folder, exist_ok=True)
+    path = settings_file(resume_folder, trajectory_name)
+    with open(path + ".partial", "w") as handle:
+        json.dump({key: getattr(args, key) for key in SWEEP_SETTINGS}, handle)
+    _replace_atomically(path + ".partial", path, copy=False)
+
+
+def saved_settings(resume_folder, trajectory_name):
+    """The saved settings as a dict, or None if there are none (or they cannot be read)."""
+    try:
+        with open(settings_file(resume_folder, trajectory_name)) as handle:
+            settings = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(settings, dict) or set(settings) != set(SWEEP_SETTINGS):
+        return None
+    return settings
+
+
+def _resume_snapshot_ok(resume_path):
+    """True if pypet's snapshot of the sweep (written just before the first run) is complete."""
+    import dill
+
+    try:
+        with open(os.path.join(resume_path, "environment.ecnt"), "rb") as handle:
+            dill.load(handle)  # our own file, written by this script's pypet a moment before
+    except Exception:  # missing, or cut short by a kill
+        return False
+    return True
+
+
+def _finished_run_indices(resume_path):
+    """Indices of the runs pypet counts as finished: one resume file (.rcnt) each."""
+    import dill
+
+    indices = set()
+    for name in os.listdir(resume_path):
+        if name.endswith(".rcnt"):  # pypet writes .ncnt first and renames: .rcnt is complete
+            with open(os.path.join(resume_path, name), "rb") as handle:
+                indices.add(int(dill.load(handle)[1]["idx"]))
+    return indices
+
+
+def repair_for_resume(filename, resume_folder, trajectory_name):
+    """Bring file and resume folder back in step after a stop at any moment.
+
+    Returns False when pypet never got to its first run (the sweep must start afresh), True when
+    pypet can resume. Raises SweepFileDamaged when the file cannot be read and there is no copy.
+    """
+    resume_path = os.path.join(resume_folder, trajectory_name)
+    if not _resume_snapshot_ok(resume_path):
+        return False
+    if os.path.exists(copy_name(filename)):
+        _replace_atomically(copy_name(filename), filename, copy=False)
+        print(f"{filename}: a write was cut short; restored the file as it was before it")
+    finished = _finished_run_indices(resume_path)
+    runs_path = f"/{trajectory_name}/results/runs"
+    try:
+        import tables
+
+        with tables.open_file(filename, "r") as hdf5:
+            hdf5.get_node(f"/{trajectory_name}")
+            stored = [g._v_name for g in hdf5.iter_nodes(runs_path)] if runs_path in hdf5 else []
+    except Exception as error:
+        lost = f"{len(finished)} finished run(s) are lost with it" if finished else "no run had finished"
+        raise SweepFileDamaged(
+            f"{filename} is damaged beyond repair ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}) and has no copy from "
+            f"before a write; {lost}: start the sweep again without --resume"
+        ) from None
+    # A run stored just before the kill, but not yet counted by pypet, runs again: remove it.
+    unfinished = [name for name in stored if int(name.rsplit("_", 1)[1]) not in finished]
+    if unfinished:
+        _replace_atomically(filename, copy_name(filename), copy=True)
+        with tables.open_file(filename, "a") as hdf5:
+            for name in unfinished:
+                hdf5.remove_node(f"{runs_path}/{name}", recursive=True)
+        os.remove(copy_name(filename))
+        print(f"{filename}: {', '.join(unfinished)} stored but not counted as finished: runs again")
+    return True
+
+
+def finished_runs_text(traj):
+    """'0 (R_ee = 1.0), 2 (R_ee = 3.0)' for the runs pypet counts as finished, or 'none'."""
+    # Read from the ranges: an interrupted run leaves the trajectory set to it, and locked.
+    explored = traj.f_get_explored_parameters(copy=False).values()
+    done = []
+    for idx, name in enumerate(traj.f_get_run_names()):
+        if traj.f_get_run_information(name)["completed"]:
+            values = ", ".join(f"{p.v_name} = {p.f_get_range(copy=False)[idx]}" for p in explored)
+            done.append(f"{idx} ({values})")
+    return ", ".join(done) or "none"
+
+
+class SweepInterrupted(Exception):
+    """A signal stopped the sweep; carries the signal and the runs that had finished."""
+
+    def __init__(self, signum, finished):
+        super().__init__(signum, finished)
+        self.signum, self.finished = signum, finished
+
+
+def _run_until_stopped(env, start):
+    """Call ``start()`` (env.run or env.resume); a signal becomes SweepInterrupted."""
+    try:
+        start()
+    except _STOPS as stop:
+        signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+        stop_workers()
+        raise SweepInterrupted(signum, finished_runs_text(env.trajectory)) from None
+    finally:
+        env.disable_logging()
 
 
 def _have_dill():
@@ -900,7 +1172,7 @@ def _have_dill():
     return True
 
 
-def make_environment(args, filename, resume_folder):
+def make_environment(args, filename, resume_folder, trajectory_name=TRAJECTORY_NAME):
     from pypet import Environment
 
     multiproc = {}
@@ -913,8 +1185,9 @@ def make_environment(args, filename, resume_folder):
         # pypet can resume only LOCK, NETLOCK and LOCAL sweeps.
         multiproc = dict(multiproc=True, ncores=args.ncores, use_pool=False, wrap_mode="LOCAL")
     return Environment(
-        trajectory=TRAJECTORY_NAME,
+        trajectory=trajectory_name,
         filename=filename,
+        storage_service=RecoverableHDF5StorageService,
         comment="Litwin-Kumar & Doiron (2012) clustered network explored over R_ee",
         dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
         log_config=None,
@@ -924,6 +1197,9 @@ def make_environment(args, filename, resume_folder):
         # Resume files let a killed sweep continue (--resume); pypet writes them with dill.
         resumable=_have_dill(),
         resume_folder=resume_folder,
+        # pypet would delete the resume files before its final stores; a kill in those stores
+        # would then leave nothing to resume. sweep_done() deletes them after the last store.
+        delete_resume=False,
         **multiproc,
     )
 
@@ -954,7 +1230,10 @@ def run_sweep(args, filename, resume_folder):
     if os.path.exists(filename):
         print(f"replacing the earlier sweep in {filename} (continue one with --resume)")
         os.remove(filename)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(copy_name(filename))
     shutil.rmtree(os.path.join(resume_folder, TRAJECTORY_NAME), ignore_errors=True)
+    save_settings(args, resume_folder, TRAJECTORY_NAME)
     env = make_environment(args, filename, resume_folder)
     traj = env.trajectory
 
@@ -980,11 +1259,16 @@ def run_sweep(args, filename, resume_folder):
         manager.pre_build(traj)
 
     traj.f_store()
-    try:
-        env.run(manager.run_network)
-    finally:
-        env.disable_logging()
+    _run_until_stopped(env, lambda: env.run(manager.run_network))
+    sweep_done(resume_folder, TRAJECTORY_NAME)
     raise_for_incomplete_runs(env.trajectory)
+
+
+def sweep_done(resume_folder, trajectory_name):
+    """Every store is done: nothing is left to resume (settings first, see resume_sweep)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(settings_file(resume_folder, trajectory_name))
+    shutil.rmtree(os.path.join(resume_folder, trajectory_name), ignore_errors=True)
 
 
 def raise_for_incomplete_runs(traj):
@@ -999,19 +1283,24 @@ def raise_for_incomplete_runs(traj):
         raise RunFailed(f"{', '.join(failed)} did not complete (its error is printed above)")
 
 
-def resume_sweep(args, filename, resume_folder):
+def resume_sweep(args, filename, resume_folder, trajectory_name=TRAJECTORY_NAME):
+    """Continue the sweep after a stop at any moment (see 'Stopping and resuming' above)."""
     if not _have_dill():
         sys.exit("clustered_network.py: error: --resume needs the package dill (pip install dill)")
-    if not os.path.isfile(os.path.join(resume_folder, TRAJECTORY_NAME, "environment.ecnt")):
-        sys.exit(
-            f"clustered_network.py: error: nothing to resume in {resume_folder} (the sweep "
-            f"finished, or never started with this --out)"
-        )
-    env = make_environment(args, filename, resume_folder)
-    try:
-        env.resume(trajectory_name=TRAJECTORY_NAME, resume_folder=resume_folder)
-    finally:
-        env.disable_logging()
+    if not repair_for_resume(filename, resume_folder, trajectory_name):
+        settings = saved_settings(resume_folder, trajectory_name)
+        if settings is None:
+            sys.exit(
+                f"clustered_network.py: error: nothing to resume in {resume_folder} (the sweep "
+                f"finished, or never started with this --out)"
+            )
+        print("the sweep stopped before its first run was stored: starting it afresh")
+        return run_sweep(argparse.Namespace(**{**vars(args), **settings}), filename, resume_folder)
+    env = make_environment(args, filename, resume_folder, trajectory_name)
+    _run_until_stopped(
+        env, lambda: env.resume(trajectory_name=trajectory_name, resume_folder=resume_folder)
+    )
+    sweep_done(resume_folder, trajectory_name)
     raise_for_incomplete_runs(env.trajectory)
 
 
@@ -1024,6 +1313,15 @@ def report(filename, plots):
     if plots:
         for path in plot_all(traj, rows, os.path.dirname(os.path.abspath(filename))):
             print(f"figure: {os.path.abspath(path)}")
+
+
+def resume_command(args):
+    command = ["python", sys.argv[0], "--resume", "--out", args.out]
+    if args.ncores > 1:
+        command += ["--ncores", str(args.ncores)]
+    if args.no_plots:
+        command.append("--no-plots")
+    return shlex.join(command)
 
 
 def main(argv=None):
@@ -1039,12 +1337,27 @@ def main(argv=None):
     filename = os.path.join(args.out, HDF5_NAME)
     resume_folder = os.path.join(args.out, "resume")
     lock = hold_sweep_lock(args.out) if not args.scoop else None
+    stop_cleanly_on_signals()
+    if not args.scoop:
+        workers_die_with_this_process()
     started = time.time()
     try:
         (resume_sweep if args.resume else run_sweep)(args, filename, resume_folder)
     except RunFailed as error:
         print(f"clustered_network.py: error: {error}", file=sys.stderr)
         print(f"finished runs are kept in {os.path.abspath(filename)}", file=sys.stderr)
+        return 1
+    except (SweepInterrupted, *_STOPS) as stop:
+        if not isinstance(stop, SweepInterrupted):  # before pypet ran anything
+            signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+            stop = SweepInterrupted(signum, "none")
+        print(f"clustered_network.py: stopped by {signal.Signals(stop.signum).name}; runs "
+              f"finished and kept in {os.path.abspath(filename)}: {stop.finished}",
+              file=sys.stderr)
+        print(f"continue with: {resume_command(args)}", file=sys.stderr)
+        return EXIT_STATUS[stop.signum]
+    except SweepFileDamaged as error:
+        print(f"clustered_network.py: error: {error}", file=sys.stderr)
         return 1
     print(f"sweep finished in {time.time() - started:.0f} s")
     report(filename, plots=not args.no_plots)
