@@ -1260,12 +1260,13 @@ def run_sweep(args, filename, resume_folder):
 
     traj.f_store()
     _run_until_stopped(env, lambda: env.run(manager.run_network))
-    sweep_done(resume_folder, TRAJECTORY_NAME)
     raise_for_incomplete_runs(env.trajectory)
+    sweep_done(resume_folder, TRAJECTORY_NAME)
 
 
 def sweep_done(resume_folder, trajectory_name):
-    """Every store is done: nothing is left to resume (settings first, see resume_sweep)."""
+    """Every run finished and every store is done: nothing is left to resume (a failed run is
+    left to --resume). The settings go first: without them, resume files alone still resume."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(settings_file(resume_folder, trajectory_name))
     shutil.rmtree(os.path.join(resume_folder, trajectory_name), ignore_errors=True)
@@ -1280,7 +1281,7 @@ def raise_for_incomplete_runs(traj):
             failed.append(f"run {idx} ({explored_text(traj)})")
     traj.f_restore_default()
     if failed:
-        raise RunFailed(f"{', '.join(failed)} did not complete (its error is printed above)")
+        raise RunFailed(f"{', '.join(failed)} did not complete (its error is printed above, unless its process was killed)")
 
 
 def resume_sweep(args, filename, resume_folder, trajectory_name=TRAJECTORY_NAME):
@@ -1300,8 +1301,8 @@ def resume_sweep(args, filename, resume_folder, trajectory_name=TRAJECTORY_NAME)
     _run_until_stopped(
         env, lambda: env.resume(trajectory_name=trajectory_name, resume_folder=resume_folder)
     )
-    sweep_done(resume_folder, trajectory_name)
     raise_for_incomplete_runs(env.trajectory)
+    sweep_done(resume_folder, trajectory_name)
 
 
 def report(filename, plots):
@@ -1345,7 +1346,8 @@ def main(argv=None):
         (resume_sweep if args.resume else run_sweep)(args, filename, resume_folder)
     except RunFailed as error:
         print(f"clustered_network.py: error: {error}", file=sys.stderr)
-        print(f"finished runs are kept in {os.path.abspath(filename)}", file=sys.stderr)
+        print(f"finished runs are kept in {os.path.abspath(filename)}; to run the others again: "
+              f"{resume_command(args)}", file=sys.stderr)
         return 1
     except (SweepInterrupted, *_STOPS) as stop:
         if not isinstance(stop, SweepInterrupted):  # before pypet ran anything
