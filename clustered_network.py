@@ -1281,7 +1281,10 @@ def raise_for_incomplete_runs(traj):
             failed.append(f"run {idx} ({explored_text(traj)})")
     traj.f_restore_default()
     if failed:
-        raise RunFailed(f"{', '.join(failed)} did not complete (its error is printed above, unless its process was killed)")
+        raise RunFailed(
+            f"{', '.join(failed)} did not complete (its error is printed above, unless its "
+            f"process was killed)"
+        )
 
 
 def resume_sweep(args, filename, resume_folder, trajectory_name=TRAJECTORY_NAME):
