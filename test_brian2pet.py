@@ -1212,3 +1212,80 @@ def test_ctrl_c_during_a_subrun_raises_and_stop_is_analysed(what):
         assert subruns_seen(log) == ["first", "second"]
         assert times[0] == pytest.approx(5.0, abs=0.2) and times[1] == pytest.approx(times[0] + 10)
     assert signal.getsignal(signal.SIGINT) is brian2._int_handler  # the wrapper is gone again
+
+
+def start_script(*args, **kwargs):
+    """The example in a new session (its own process group), stdout and stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=HERE, start_new_session=True, **kwargs,
+    )
+
+
+def wait_for_line(process, prefix):
+    """Read stdout until a line starts with prefix (blocks until the script prints it)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    raise AssertionError(f"the script ended before printing {prefix!r}: {''.join(seen)}")
+
+
+def assert_group_ends(pgid, within=10.0):
+    """Every process of the group is gone within a few seconds (a bounded wait, not a sleep)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    left = subprocess.run(["ps", "-o", "pid,ppid,args", "-g", str(pgid)], capture_output=True,
+                          text=True).stdout
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError(f"processes outlived the sweep by {within} s:\n{left}")
+
+
+def assert_resumes_to_reference(out, ncores, reference_numbers, finished_before=()):
+    """--resume completes the sweep: the reference's numbers, every run once, none that had
+    finished before simulated again. Returns the resume's stdout."""
+    done = run_script("--resume", "--no-plots", "--ncores", ncores, "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert_same_numbers(stored_numbers(str(out / cn.HDF5_NAME)), reference_numbers)
+    traj = cn.load_sweep(str(out / cn.HDF5_NAME))
+    assert [row["idx"] for row in cn.sweep_rows(traj)] == [0, 1, 2]
+    assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
+    simulated_again = {int(line.split()[1].split("/")[0]) - 1
+                       for line in done.stdout.splitlines() if line.startswith("run ")}
+    assert not simulated_again & set(finished_before), done.stdout
+    assert not (out / (cn.HDF5_NAME + ".before-write")).exists()
+    return done.stdout
+
+
+@pytest.mark.parametrize("ncores", ["1", "2"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_stop_every_process_and_resume(reference_numbers, tmp_path, signum,
+                                                          ncores):
+    # Ctrl-C as a terminal sends it (to the whole process group); SIGTERM to the main process only.
+    process = start_script(*TINY, "--no-plots", "--ncores", ncores, "--out", str(tmp_path))
+    wait_for_line(process, f"run 2/{len(R_TINY)} started")
+    (os.killpg if signum == signal.SIGINT else os.kill)(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr
+    assert_group_ends(process.pid)
+    assert "Traceback" not in stderr
+    name = signal.Signals(signum).name
+    stopped = [line for line in stderr.splitlines() if line.startswith(f"clustered_network.py: stopped by {name}")]
+    assert len(stopped) == 1, stderr
+    assert f"continue with: python {SCRIPT} --resume --out {tmp_path}" in stderr
+    # The runs it names as finished are in the file; the interrupted one is not stored as finished
+    # (else --resume would keep it and the numbers below would differ from the reference).
+    finished_text = stopped[0].split(": ")[-1]
+    named = [] if finished_text == "none" else [int(x.split()[0]) for x in finished_text.split("), ")]
+    stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
+    assert set(named) <= set(stored)
+    assert_resumes_to_reference(tmp_path, ncores, reference_numbers, finished_before=named)
