@@ -1069,16 +1069,17 @@ def saved_settings(resume_folder, trajectory_name):
     return settings
 
 
-def _resume_snapshot_ok(resume_path):
-    """True if pypet's snapshot of the sweep (written just before the first run) is complete."""
+def _runs_in_resume_snapshot(resume_path):
+    """The number of runs in pypet's snapshot of the sweep (written just before the first run),
+    or None if it is missing or was cut short by a kill."""
     import dill
 
     try:
         with open(os.path.join(resume_path, "environment.ecnt"), "rb") as handle:
-            dill.load(handle)  # our own file, written by this script's pypet a moment before
-    except Exception:  # missing, or cut short by a kill
-        return False
-    return True
+            # Our own file, which pypet's resume unpickles in the same way a moment later.
+            return len(dill.load(handle)["trajectory"])
+    except Exception:
+        return None
 
 
 def _finished_run_indices(resume_path):
@@ -1096,12 +1097,13 @@ def _finished_run_indices(resume_path):
 def repair_for_resume(filename, resume_folder, trajectory_name):
     """Bring file and resume folder back in step after a stop at any moment.
 
-    Returns False when pypet never got to its first run (the sweep must start afresh), True when
-    pypet can resume. Raises SweepFileDamaged when the file cannot be read and there is no copy.
+    Returns None when pypet never got to its first run (the sweep must start afresh), else the
+    number of runs left. Raises SweepFileDamaged when the file cannot be read and has no copy.
     """
     resume_path = os.path.join(resume_folder, trajectory_name)
-    if not _resume_snapshot_ok(resume_path):
-        return False
+    runs = _runs_in_resume_snapshot(resume_path)
+    if runs is None:
+        return None
     if os.path.exists(copy_name(filename)):
         _replace_atomically(copy_name(filename), filename, copy=False)
         print(f"{filename}: a write was cut short; restored the file as it was before it")
@@ -1129,7 +1131,7 @@ def repair_for_resume(filename, resume_folder, trajectory_name):
                 hdf5.remove_node(f"{runs_path}/{name}", recursive=True)
         os.remove(copy_name(filename))
         print(f"{filename}: {', '.join(unfinished)} stored but not counted as finished: runs again")
-    return True
+    return runs - len(finished)
 
 
 def finished_runs_text(traj):
@@ -1291,7 +1293,8 @@ def resume_sweep(args, filename, resume_folder, trajectory_name=TRAJECTORY_NAME)
     """Continue the sweep after a stop at any moment (see 'Stopping and resuming' above)."""
     if not _have_dill():
         sys.exit("clustered_network.py: error: --resume needs the package dill (pip install dill)")
-    if not repair_for_resume(filename, resume_folder, trajectory_name):
+    runs_left = repair_for_resume(filename, resume_folder, trajectory_name)
+    if runs_left is None:
         settings = saved_settings(resume_folder, trajectory_name)
         if settings is None:
             sys.exit(
@@ -1300,6 +1303,10 @@ def resume_sweep(args, filename, resume_folder, trajectory_name=TRAJECTORY_NAME)
             )
         print("the sweep stopped before its first run was stored: starting it afresh")
         return run_sweep(argparse.Namespace(**{**vars(args), **settings}), filename, resume_folder)
+    if runs_left == 0:
+        # Stopped in the final stores. pypet's resume with several processes fails when no run
+        # is left; in one process it just does the final stores.
+        args = argparse.Namespace(**{**vars(args), "ncores": 1, "scoop": False})
     env = make_environment(args, filename, resume_folder, trajectory_name)
     _run_until_stopped(
         env, lambda: env.resume(trajectory_name=trajectory_name, resume_folder=resume_folder)

@@ -7,6 +7,7 @@ Sections follow the module: units, containers, drop-in names, runner, manager.
 import inspect
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1289,3 +1290,66 @@ def test_ctrl_c_and_sigterm_stop_every_process_and_resume(reference_numbers, tmp
     stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
     assert set(named) <= set(stored)
     assert_resumes_to_reference(tmp_path, ncores, reference_numbers, finished_before=named)
+
+
+STRACE = shutil.which("strace")
+needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
+
+
+def under_strace(out, ncores, inject=None, trace_file=os.devnull):
+    """The tiny sweep under strace, following every process; ``inject`` e.g. 'signal=KILL:when=7'
+    sends that signal to the process making the 7th pwrite64 call (HDF5 writes use pwrite64)."""
+    command = [STRACE, "-f", "-qq", "-o", trace_file, "-e", "trace=pwrite64"]
+    if inject:
+        command += ["-e", f"inject=pwrite64:{inject}"]
+    command += [sys.executable, SCRIPT, *TINY, "--no-plots", "--ncores", ncores, "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=HERE, start_new_session=True)
+    stdout, stderr = process.communicate(timeout=300)
+    assert_group_ends(process.pid)  # strace leads the session: nothing of the sweep outlives it
+    return process.returncode, stdout, stderr
+
+
+def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when):
+    """One trial: the sweep gets a signal at its `when`-th write, then --resume must complete it."""
+    out = tmp_path / f"{signal_name}_{ncores}_{when}"
+    status, stdout, stderr = under_strace(out, ncores, f"signal={signal_name}:when={when}")
+    if signal_name == "KILL":
+        assert status in (137, -9), f"not killed at write {when}: {status}\n{stderr[-2000:]}"
+    else:
+        assert status == 143 and "stopped by SIGTERM" in stderr, f"write {when}: {stderr[-2000:]}"
+    resume_path = out / "resume" / cn.TRAJECTORY_NAME
+    started = cn._runs_in_resume_snapshot(str(resume_path)) is not None
+    finished = cn._finished_run_indices(str(resume_path)) if started else set()
+    try:
+        resumed = assert_resumes_to_reference(out, ncores, reference_numbers, finished)
+    except AssertionError as error:
+        raise AssertionError(f"{signal_name} at write {when}, {ncores} core(s): {error}") from None
+    assert started or "starting it afresh" in resumed
+    shutil.rmtree(out)
+
+
+@needs_strace
+@pytest.mark.parametrize(
+    "ncores,signal_name,trials", [("1", "KILL", 7), ("2", "KILL", 5), ("1", "TERM", 3)],
+    ids=["sigkill-1-core", "sigkill-2-cores", "sigterm-inside-writes"],
+)
+def test_a_signal_at_any_write_then_resume_gives_the_reference(reference_numbers, tmp_path, ncores,
+                                                               signal_name, trials):
+    # Count the sweep's writes (its numbers must be the reference's too), then spread the signal
+    # over them, from the first write of the parameters to the last of the final stores.
+    trace = tmp_path / "trace"
+    status, _, stderr = under_strace(tmp_path / "counted", ncores, trace_file=str(trace))
+    assert status == 0, stderr
+    assert_same_numbers(stored_numbers(str(tmp_path / "counted" / cn.HDF5_NAME)), reference_numbers)
+    writes = sum("pwrite64(" in line for line in trace.read_text().splitlines())
+    assert writes > 100
+    # With several processes the count varies a little with the order in which runs come back.
+    last = writes - (0 if ncores == "1" else 20)
+    points = sorted({int(round(x)) for x in np.linspace(1, last, trials)})
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two trials at a time: one per core
+        for future in [pool.submit(kill_trial, tmp_path, reference_numbers, ncores, signal_name, n)
+                       for n in points]:
+            future.result()
