@@ -1353,3 +1353,20 @@ def test_a_signal_at_any_write_then_resume_gives_the_reference(reference_numbers
         for future in [pool.submit(kill_trial, tmp_path, reference_numbers, ncores, signal_name, n)
                        for n in points]:
             future.result()
+
+
+def test_resume_of_a_file_damaged_beyond_repair_says_so_in_one_line(tmp_path):
+    process = start_script(*TINY, "--no-plots", "--out", str(tmp_path))
+    wait_for_line(process, f"run 2/{len(R_TINY)} started")
+    os.kill(process.pid, signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 143
+    # Damaged by something other than the sweep (the disk, another program): no copy to go back to.
+    (tmp_path / cn.HDF5_NAME).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 4096)
+    done = run_script("--resume", "--no-plots", "--out", str(tmp_path))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "damaged beyond repair" in lines[0] and "1 finished run(s) are lost" in lines[0]
+    assert "without --resume" in lines[0]
