@@ -919,6 +919,7 @@ class SweepStopped(BaseException):
     """SIGTERM arrived. A BaseException, as KeyboardInterrupt is, so no `except Exception` eats it."""
 
 
+_STOPS = (KeyboardInterrupt, SweepStopped)
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
 
 # While the HDF5 file is written, a signal's exception is held back and raised after the write.
@@ -945,9 +946,6 @@ def stop_cleanly_on_signals():
     logging.getLogger("pypet").addFilter(
         lambda record: not (record.exc_info and isinstance(record.exc_info[1], _STOPS))
     )
-
-
-_STOPS = (KeyboardInterrupt, SweepStopped)
 
 
 def workers_die_with_this_process():
