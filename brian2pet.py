@@ -569,7 +569,7 @@ class NetworkRunner(NetworkComponent):
 
         - Ctrl-C (SIGINT) during ``Network.run``: Brian2 finishes the time step and returns early
           without an error. Here the subrun then ends in ``KeyboardInterrupt``, before any analyser
-          sees it, so pypet never stores the truncated run as finished (``--resume`` redoes it).
+          sees it, so pypet never stores the truncated run as finished (a resumed sweep redoes it).
           A second Ctrl-C raises inside Brian2, as usual.
         - An explicit Brian2 ``stop()`` (``Network.stop`` or ``brian2.stop``, e.g. from a
           network_operation) is the model's own choice: the subrun counts as done after the time
