@@ -901,9 +901,9 @@ def hold_sweep_lock(folder):
 # ---------------------------------------------------------------------------------------------------
 # Stopping and resuming: Ctrl-C, SIGTERM and SIGKILL at any moment
 #
-# - Ctrl-C (SIGINT) and SIGTERM end the sweep with exit status 130 / 143. A run they interrupt is not
-#   stored as finished (brian2pet's runner raises on a subrun that Ctrl-C cut short), the workers
-#   are stopped with the parent, and the finished runs and the resume command are printed.
+# - Ctrl-C (SIGINT) and SIGTERM end the sweep with exit status 130 / 143. A run they interrupt is
+#   not stored as finished (brian2pet's runner raises on a subrun that Ctrl-C cut short), the
+#   workers are stopped with the parent, and the finished runs and the resume command are printed.
 # - A signal that arrives while the HDF5 file is written waits until the write is done.
 # - SIGKILL may come anywhere, also inside a write. So before every write the storage service
 #   copies the file aside and drops the copy when the write is done: --resume puts the copy back
@@ -916,7 +916,7 @@ def hold_sweep_lock(folder):
 
 
 class SweepStopped(BaseException):
-    """SIGTERM arrived. A BaseException, as KeyboardInterrupt is, so no `except Exception` eats it."""
+    """SIGTERM arrived. A BaseException, as KeyboardInterrupt is: no `except Exception` eats it."""
 
 
 _STOPS = (KeyboardInterrupt, SweepStopped)
@@ -1114,7 +1114,7 @@ def repair_for_resume(filename, resume_folder, trajectory_name):
             hdf5.get_node(f"/{trajectory_name}")
             stored = [g._v_name for g in hdf5.iter_nodes(runs_path)] if runs_path in hdf5 else []
     except Exception as error:
-        lost = f"{len(finished)} finished run(s) are lost with it" if finished else "no run had finished"
+        lost = f"{len(finished)} finished run(s) are lost with it" if finished else "none finished"
         raise SweepFileDamaged(
             f"{filename} is damaged beyond repair ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'unreadable'}) and has no copy from "

@@ -1280,20 +1280,24 @@ def test_ctrl_c_and_sigterm_stop_every_process_and_resume(reference_numbers, tmp
     assert_group_ends(process.pid)
     assert "Traceback" not in stderr
     name = signal.Signals(signum).name
-    stopped = [line for line in stderr.splitlines() if line.startswith(f"clustered_network.py: stopped by {name}")]
+    stopped = [line for line in stderr.splitlines()
+               if line.startswith(f"clustered_network.py: stopped by {name}")]
     assert len(stopped) == 1, stderr
     assert f"continue with: python {SCRIPT} --resume --out {tmp_path}" in stderr
     # The runs it names as finished are in the file; the interrupted one is not stored as finished
     # (else --resume would keep it and the numbers below would differ from the reference).
     finished_text = stopped[0].split(": ")[-1]
-    named = [] if finished_text == "none" else [int(x.split()[0]) for x in finished_text.split("), ")]
+    named = [] if finished_text == "none" else [
+        int(run.split()[0]) for run in finished_text.split("), ")
+    ]
     stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
     assert set(named) <= set(stored)
     assert_resumes_to_reference(tmp_path, ncores, reference_numbers, finished_before=named)
 
 
 STRACE = shutil.which("strace")
-needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
+needs_strace = pytest.mark.skipif(STRACE is None,
+                                  reason="strace is not installed (apt-get install strace)")
 
 
 def under_strace(out, ncores, inject=None, trace_file=os.devnull):
@@ -1332,7 +1336,8 @@ def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=Fal
 
 
 @needs_strace
-@pytest.mark.parametrize("ncores,kills,terms", [("1", 6, 2), ("2", 4, 0)], ids=["1-core", "2-cores"])
+@pytest.mark.parametrize("ncores,kills,terms", [("1", 6, 2), ("2", 4, 0)],
+                         ids=["1-core", "2-cores"])
 def test_a_signal_at_any_write_then_resume_gives_the_reference(reference_numbers, tmp_path, ncores,
                                                                kills, terms):
     # Count the sweep's writes (its numbers must be the reference's too), then spread SIGKILL (and
