@@ -1099,12 +1099,18 @@ def repair_for_resume(filename, resume_folder, trajectory_name):
     number of runs left. Raises SweepFileDamaged when the file cannot be read and has no copy.
     """
     resume_path = os.path.join(resume_folder, trajectory_name)
-    runs = _runs_in_resume_snapshot(resume_path)
-    if runs is None:
-        return None
     if os.path.exists(copy_name(filename)):
         _replace_atomically(copy_name(filename), filename, copy=False)
         print(f"{filename}: a write was cut short; restored the file as it was before it")
+    runs = _runs_in_resume_snapshot(resume_path)
+    if runs is None:
+        if os.path.isdir(resume_path) and any(n.endswith(".rcnt") for n in os.listdir(resume_path)):
+            # Runs finished, so the snapshot was complete once: never start afresh over them.
+            raise SweepFileDamaged(
+                f"pypet's resume snapshot in {resume_path} cannot be read (was the script changed "
+                f"since?); the finished runs stay in {filename}, --replot shows them"
+            )
+        return None
     finished = _finished_run_indices(resume_path)
     runs_path = f"/{trajectory_name}/results/runs"
     try:
