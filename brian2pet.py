@@ -36,6 +36,9 @@ checked by running pypet's own tests of pypet.brian2 against this module):
 """
 
 import ast
+import contextlib
+import signal
+import threading
 
 import numpy as np
 from brian2 import (
@@ -481,6 +484,33 @@ class NetworkAnalyser(NetworkComponent):
 # ---------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _sigint_noted():
+    """Yield a list that gets an entry when SIGINT arrives inside the block.
+
+    Brian2 turns the first Ctrl-C during ``Network.run`` into the same flag that ``brian2.stop()``
+    sets, so afterwards the two cannot be told apart. The signal handler is wrapped for the block
+    instead: it notes the signal and passes it on to the handler it replaces (Brian2's, which
+    requests the stop, or raises on a second Ctrl-C). Only the main thread may set handlers;
+    elsewhere nothing is noted.
+    """
+    noted = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield noted  # SIG_IGN or SIG_DFL: no handler that could turn Ctrl-C into a stop
+        return
+
+    def note_and_pass_on(signum, frame):
+        noted.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, note_and_pass_on)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class NetworkRunner(NetworkComponent):
     """Simulates a network subrun by subrun. Subclass it to add the duration parameters.
 
@@ -551,7 +581,20 @@ class NetworkRunner(NetworkComponent):
     def _execute_network_run(
         self, traj, network, network_dict, component_list, analyser_list, pre_run=False
     ):
-        """Run every subrun through the four steps of spec 7.5 (figure 'network run')."""
+        """Run every subrun through the four steps of spec 7.5 (figure 'network run').
+
+        Stopped early, a subrun is analysed only if the model asked for it:
+
+        - Ctrl-C (SIGINT) during ``Network.run``: Brian2 finishes the time step and returns early
+          without an error. Here the subrun then ends in ``KeyboardInterrupt``, before any analyser
+          sees it, so pypet never stores the truncated run as finished (a resumed sweep redoes it).
+          A second Ctrl-C raises inside Brian2, as usual.
+        - An explicit Brian2 ``stop()`` (``Network.stop`` or ``brian2.stop``, e.g. from a
+          network_operation) is the model's own choice: the subrun counts as done after the time
+          actually simulated (``network.t`` says how far it got), the analysers run as usual and
+          the next subrun starts. An analyser that wants the run to end there empties
+          ``subrun_list``.
+        """
         # subrun_list is live: analysers see it and may empty it (cancel the rest of this run, e.g.
         # on pathological activity) or append to it (run longer). Hence a while loop, not a for.
         subrun_list = self._extract_subruns(traj, pre_run=pre_run)
@@ -574,7 +617,13 @@ class NetworkRunner(NetworkComponent):
             self._logger.info(
                 f"Subrun `{current_subrun.v_name}` (#{subrun_number}) for {duration}"
             )
-            network.run(duration, report=self._report, report_period=self._report_period)
+            with _sigint_noted() as sigint:
+                network.run(duration, report=self._report, report_period=self._report_period)
+            if sigint:  # Brian2 took Ctrl-C as a stop request; the subrun is not what was asked
+                raise KeyboardInterrupt(
+                    f"Ctrl-C stopped subrun `{current_subrun.v_name}` at t = {network.t}, before "
+                    f"its end; the run is not analysed"
+                )
 
             # Step 3, analyse: every analyser, in the order the manager was given them.
             for analyser in analyser_list:

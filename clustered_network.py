@@ -44,12 +44,16 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import json
 import logging
+import multiprocessing
 import os
+import shlex
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -70,6 +74,7 @@ from brian2 import (
     second,
 )
 from brian2 import seed as brian2_seed
+from pypet.storageservice import HDF5StorageService
 
 from brian2pet import (
     Brian2MonitorResult,
@@ -970,11 +975,8 @@ def run_sweep(args, filename, resume_folder):
         manager.pre_build(traj)
 
     traj.f_store()
-    try:
-        env.run(manager.run_network)
-    finally:
-        env.disable_logging()
-    raise_for_incomplete_runs(env.trajectory)
+    run_until_stopped(env, lambda: env.run(manager.run_network))
+    experiment_done(env, resume_folder, TRAJECTORY_NAME)
 
 
 def build_stimulus_manager(args):
@@ -1015,11 +1017,8 @@ def run_stimulus_experiment(args, filename, resume_folder):
     manager.pre_run_network(traj)
 
     traj.f_store()
-    try:
-        env.run(manager.run_network)
-    finally:
-        env.disable_logging()
-    raise_for_incomplete_runs(env.trajectory)
+    run_until_stopped(env, lambda: env.run(manager.run_network))
+    experiment_done(env, resume_folder, STIMULUS_TRAJECTORY_NAME)
 
 
 EXPERIMENTS = {  # --experiment name: (trajectory name, main function)
@@ -1058,13 +1057,16 @@ class SweepFileError(ValueError):
     """A file that is no readable sweep of this script; the message is one line naming the file."""
 
 
-_pickle_guard = {"installed": False, "refusing": False}
+# Whether the audit hook below is installed, and, per thread, whether it refuses now: a program
+# that reads a file in one thread may unpickle its own data in another.
+_pickle_guard = {"installed": False}
+_refusing = threading.local()
 
 
 def _refuse_pickled_globals(event, args):
     # Python announces (as the audit event pickle.find_class) every class or function a pickle names
     # before the pickle may call it; without one, a pickle builds only numbers, text and containers.
-    if event == "pickle.find_class" and _pickle_guard["refusing"]:
+    if event == "pickle.find_class" and getattr(_refusing, "now", False):
         raise SweepFileError(f"refused to unpickle {args[0]}.{args[1]}")
 
 
@@ -1074,17 +1076,17 @@ def pickles_refused():
 
     PyTables then leaves a pickled attribute as its bytes (check_sweep_file reports those), and
     pypet's pickle containers raise. The audit hook stays installed (Python cannot remove one) but
-    does nothing outside the block.
+    does nothing outside the block, nor in other threads.
     """
     if not _pickle_guard["installed"]:
         sys.addaudithook(_refuse_pickled_globals)
         _pickle_guard["installed"] = True
-    previous = _pickle_guard["refusing"]
-    _pickle_guard["refusing"] = True
+    previous = getattr(_refusing, "now", False)
+    _refusing.now = True
     try:
         yield
     finally:
-        _pickle_guard["refusing"] = previous
+        _refusing.now = previous
 
 
 def check_sweep_file(filename, trajectory_names=None, nodes=SWEEP_NODES):
@@ -1678,7 +1680,7 @@ def hold_sweep_lock(folder):
     """Take the folder's sweep lock or exit, so that no two processes write one sweep.
 
     The lock is an flock on a file that forked workers inherit: it is held while ANY process of a
-    sweep lives, also workers that outlived a killed parent (which would race a resumed sweep).
+    sweep lives. Workers die with their parent (workers_die_with_this_process), so it goes with it.
     """
     path = os.path.join(folder, "sweep.lock")
     handle = open(path, "a+")
@@ -1688,14 +1690,305 @@ def hold_sweep_lock(folder):
         handle.seek(0)
         owner = handle.read().strip() or "unknown"
         sys.exit(
-            f"clustered_network.py: error: a sweep in {folder} is still running ({owner}); stop "
-            f"its whole process group first, e.g. kill -- -PGID (find it: fuser -v {path})"
+            f"clustered_network.py: error: a sweep in {folder} is still running ({owner}); wait "
+            f"for it, or stop it (kill PID; its workers stop with it) and then --resume"
         )
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}, process group {os.getpgrp()}\n")
     handle.flush()
     return handle  # the lock lives as long as this handle stays open
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping and resuming: Ctrl-C, SIGTERM and SIGKILL at any moment
+#
+# - Ctrl-C (SIGINT) and SIGTERM end the sweep with exit status 130 / 143. A run they interrupt is
+#   not stored as finished (brian2pet's runner raises on a subrun that Ctrl-C cut short), the
+#   workers are stopped with the parent, and the finished runs and the resume command are printed.
+# - A signal that arrives while the HDF5 file is written waits until the write is done.
+# - SIGKILL may come anywhere, also inside a write. So before every write the storage service
+#   copies the file aside and drops the copy when the write is done: --resume puts the copy back
+#   when a write was cut short, removes runs that were stored but never counted as finished, and
+#   lets pypet re-run exactly the unfinished runs. Killed before pypet noted its first run, the
+#   sweep starts afresh from the settings saved at its start.
+# - Forked workers die with their parent (prctl PR_SET_PDEATHSIG): none outlives a killed sweep
+#   holding its lock, and a worker that dies makes its run fail while the others go on.
+# ---------------------------------------------------------------------------------------------------
+
+
+class SweepStopped(BaseException):
+    """SIGTERM arrived. A BaseException, as KeyboardInterrupt is: no `except Exception` eats it."""
+
+
+_STOPS = (KeyboardInterrupt, SweepStopped)
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+
+# While the HDF5 file is written, a signal's exception is held back and raised after the write.
+_writing = {"depth": 0, "pending": None}
+
+
+def _stop_on_signal(signum, frame, brian2_handler):
+    if _writing["depth"]:
+        _writing["pending"] = signum
+    elif signum == signal.SIGTERM:
+        raise SweepStopped("SIGTERM")
+    else:  # Brian2's handler: a stop request inside Network.run, KeyboardInterrupt elsewhere
+        brian2_handler(signum, frame)
+
+
+def stop_cleanly_on_signals():
+    """Route SIGINT and SIGTERM of this (main) process through _stop_on_signal."""
+    brian2_handler = signal.getsignal(signal.SIGINT)
+    if not callable(brian2_handler):
+        brian2_handler = signal.default_int_handler
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda n, f: _stop_on_signal(n, f, brian2_handler))
+    # pypet logs every exception of a run with its traceback; an interrupted run is no error.
+    logging.getLogger("pypet").addFilter(
+        lambda record: not (record.exc_info and isinstance(record.exc_info[1], _STOPS))
+    )
+
+
+def workers_die_with_this_process():
+    """Make every process forked from here on die when the process that forked it dies.
+
+    pypet forks a worker per run (use_pool=False), and a forked process outlives its parent by
+    default. The check after prctl catches a parent that died before prctl took effect. Workers
+    ignore Ctrl-C (the terminal sends it to the whole process group): the parent stops them.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    forking = {}
+
+    def before():
+        forking["pid"] = os.getpid()
+
+    def in_child():
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != forking["pid"]:
+            os._exit(1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
+
+
+def stop_workers(timeout=5.0):
+    """Terminate this process's forked workers and wait for them (they die at once on SIGTERM)."""
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    deadline = time.time() + timeout
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.time()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def copy_name(filename):
+    return filename + ".before-write"
+
+
+def put_back_copy(filename):
+    """If a write was cut short, make ``filename`` what it was before that write; True if so."""
+    copy = copy_name(filename)
+    if not os.path.exists(copy):
+        return False
+    if os.path.getsize(copy) == 0:  # there was no file before the write
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(filename)
+        os.remove(copy)
+    else:
+        _replace_atomically(copy, filename, copy=False)
+    return True
+
+
+def _replace_atomically(source, target, copy):
+    """Copy (or move) ``source`` to ``target`` so that ``target`` is either old or complete."""
+    partial = target + ".partial"
+    if copy:
+        shutil.copyfile(source, partial)
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+    else:
+        partial = source
+    os.replace(partial, target)
+    folder = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash of the machine
+    finally:
+        os.close(folder)
+
+
+class RecoverableHDF5StorageService(HDF5StorageService):
+    """pypet's HDF5 storage, with a copy of the file taken before each store and dropped after it.
+
+    A copy that still exists when --resume starts means its store was cut short: the copy is the
+    file as it was before that store. Stores called from within a store (pypet stores a list of
+    items one by one) are covered by the outer one. Signals wait until the store is done.
+    """
+
+    def store(self, msg, stuff_to_store, *args, **kwargs):
+        if _writing["depth"]:
+            return super().store(msg, stuff_to_store, *args, **kwargs)
+        _writing["depth"] += 1
+        try:
+            if os.path.exists(self._filename):
+                _replace_atomically(self._filename, copy_name(self._filename), copy=True)
+            else:
+                # No file yet: an empty copy stands for "no file" (an HDF5 file is never empty).
+                _replace_atomically(os.devnull, copy_name(self._filename), copy=True)
+            result = super().store(msg, stuff_to_store, *args, **kwargs)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy_name(self._filename))
+            return result
+        finally:
+            _writing["depth"] -= 1
+            pending, _writing["pending"] = _writing["pending"], None
+            if pending == signal.SIGINT:
+                raise KeyboardInterrupt
+            if pending == signal.SIGTERM:
+                raise SweepStopped("SIGTERM")
+
+
+class SweepFileDamaged(RuntimeError):
+    """The sweep's HDF5 file cannot be read and there is no copy from before a write."""
+
+
+def settings_file(resume_folder, trajectory_name):
+    return os.path.join(resume_folder, f"{trajectory_name}.settings.json")
+
+
+# What defines an experiment's runs; --ncores and --out may differ when it is resumed.
+EXPERIMENT_SETTINGS = (
+    "scale", "r_ee", "measure", "initial", "seed", "target",
+    "stimulus_r_ee", "strengths", "stimulus_clusters", "period", "max_rate",
+)
+
+
+def save_settings(args, resume_folder, trajectory_name):
+    """Keep an experiment's settings (plain JSON) until it finishes, to start afresh if need be."""
+    os.makedirs(resume_folder, exist_ok=True)
+    path = settings_file(resume_folder, trajectory_name)
+    with open(path + ".partial", "w") as handle:
+        json.dump({key: getattr(args, key) for key in EXPERIMENT_SETTINGS}, handle)
+    _replace_atomically(path + ".partial", path, copy=False)
+
+
+def saved_settings(resume_folder, trajectory_name):
+    """The saved settings as a dict, or None if there are none (or they cannot be read)."""
+    try:
+        with open(settings_file(resume_folder, trajectory_name)) as handle:
+            settings = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(settings, dict) or set(settings) != set(EXPERIMENT_SETTINGS):
+        return None
+    return settings
+
+
+def _runs_in_resume_snapshot(resume_path):
+    """The number of runs in pypet's snapshot of the sweep (written just before the first run),
+    or None if it is missing or was cut short by a kill."""
+    import dill
+
+    try:
+        with open(os.path.join(resume_path, "environment.ecnt"), "rb") as handle:
+            # Our own file, which pypet's resume unpickles in the same way a moment later.
+            return len(dill.load(handle)["trajectory"])
+    except Exception:
+        return None
+
+
+def _finished_run_indices(resume_path):
+    """Indices of the runs pypet counts as finished: one resume file (.rcnt) each."""
+    import dill
+
+    indices = set()
+    for name in os.listdir(resume_path):
+        if name.endswith(".rcnt"):  # pypet writes .ncnt first and renames: .rcnt is complete
+            with open(os.path.join(resume_path, name), "rb") as handle:
+                indices.add(int(dill.load(handle)[1]["idx"]))
+    return indices
+
+
+def repair_for_resume(filename, resume_folder, trajectory_name):
+    """Bring file and resume folder back in step after a stop at any moment.
+
+    Returns None when pypet never got to its first run (the sweep must start afresh), else the
+    number of runs left. Raises SweepFileDamaged when the file cannot be read and has no copy.
+    """
+    resume_path = os.path.join(resume_folder, trajectory_name)
+    if put_back_copy(filename):
+        print(f"{filename}: a write was cut short; restored the file as it was before it")
+    runs = _runs_in_resume_snapshot(resume_path)
+    if runs is None:
+        if os.path.isdir(resume_path) and any(n.endswith(".rcnt") for n in os.listdir(resume_path)):
+            # Runs finished, so the snapshot was complete once: never start afresh over them.
+            raise SweepFileDamaged(
+                f"pypet's resume snapshot in {resume_path} cannot be read (was the script changed "
+                f"since?); the finished runs stay in {filename}, --replot shows them"
+            )
+        return None
+    finished = _finished_run_indices(resume_path)
+    runs_path = f"/{trajectory_name}/results/runs"
+    try:
+        import tables
+
+        with tables.open_file(filename, "r") as hdf5:
+            hdf5.get_node(f"/{trajectory_name}")
+            stored = [g._v_name for g in hdf5.iter_nodes(runs_path)] if runs_path in hdf5 else []
+    except Exception as error:
+        lost = f"{len(finished)} finished run(s) are lost with it" if finished else "none finished"
+        raise SweepFileDamaged(
+            f"{filename} is damaged beyond repair ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}) and has no copy from "
+            f"before a write; {lost}: start the sweep again without --resume"
+        ) from None
+    # A run stored just before the kill, but not yet counted by pypet, runs again: remove it.
+    unfinished = [name for name in stored if int(name.rsplit("_", 1)[1]) not in finished]
+    if unfinished:
+        _replace_atomically(filename, copy_name(filename), copy=True)
+        with tables.open_file(filename, "a") as hdf5:
+            for name in unfinished:
+                hdf5.remove_node(f"{runs_path}/{name}", recursive=True)
+        os.remove(copy_name(filename))
+        print(f"{filename}: {', '.join(unfinished)} stored but not counted as finished: runs again")
+    return runs - len(finished)
+
+
+def finished_runs_text(traj):
+    """'0 (R_ee = 1.0), 2 (R_ee = 3.0)' for the runs pypet counts as finished, or 'none'."""
+    # Read from the ranges: an interrupted run leaves the trajectory set to it, and locked.
+    explored = traj.f_get_explored_parameters(copy=False).values()
+    done = []
+    for idx, name in enumerate(traj.f_get_run_names()):
+        if traj.f_get_run_information(name)["completed"]:
+            values = ", ".join(f"{p.v_name} = {p.f_get_range(copy=False)[idx]}" for p in explored)
+            done.append(f"{idx} ({values})")
+    return ", ".join(done) or "none"
+
+
+class SweepInterrupted(Exception):
+    """A signal stopped the sweep; carries the signal and the runs that had finished."""
+
+    def __init__(self, signum, finished):
+        super().__init__(signum, finished)
+        self.signum, self.finished = signum, finished
+
+
+def run_until_stopped(env, start):
+    """Call ``start()`` (env.run or env.resume); a signal becomes SweepInterrupted."""
+    try:
+        start()
+    except _STOPS as stop:
+        signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+        stop_workers()
+        raise SweepInterrupted(signum, finished_runs_text(env.trajectory)) from None
+    finally:
+        env.disable_logging()
 
 
 def _have_dill():
@@ -1722,6 +2015,7 @@ def make_environment(args, filename, resume_folder, name=TRAJECTORY_NAME, commen
     return Environment(
         trajectory=name,
         filename=filename,
+        storage_service=RecoverableHDF5StorageService,
         comment=comment,
         dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
         log_config=None,
@@ -1731,6 +2025,9 @@ def make_environment(args, filename, resume_folder, name=TRAJECTORY_NAME, commen
         # Resume files let a killed sweep continue (--resume); pypet writes them with dill.
         resumable=_have_dill(),
         resume_folder=resume_folder,
+        # pypet would delete the resume files before its final stores; a kill in those stores
+        # would then leave nothing to resume. experiment_done() deletes them after the last store.
+        delete_resume=False,
         **multiproc,
     )
 
@@ -1747,6 +2044,16 @@ def resolve_target(target):
     return "numpy"
 
 
+def experiment_done(env, resume_folder, name):
+    """End the experiment ``name`` after pypet's last store: a run that did not complete fails it
+    (and stays to --resume); otherwise nothing is left to resume. The settings go first: without
+    them, pypet's resume files alone still resume."""
+    raise_for_incomplete_runs(env.trajectory)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(settings_file(resume_folder, name))
+    shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
+
+
 def raise_for_incomplete_runs(traj):
     """With several processes pypet logs a failed run and goes on; end the sweep with an error."""
     failed = []
@@ -1756,43 +2063,74 @@ def raise_for_incomplete_runs(traj):
             failed.append(f"run {idx} ({explored_text(traj)})")
     traj.f_restore_default()
     if failed:
-        raise RunFailed(f"{', '.join(failed)} did not complete (its error is printed above)")
+        raise RunFailed(
+            f"{', '.join(failed)} did not complete (its error is printed above, unless its "
+            f"process was killed)"
+        )
 
 
 def start_afresh(filename, resume_folder, name):
     """Remove an earlier run of the experiment ``name``: its trajectory in the file (the other
-    experiment's stays) and its resume files."""
+    experiment's stays) and pypet's resume files. The removal is a write like any other, so the
+    file is copied aside first (see 'Stopping and resuming')."""
     import tables
 
-    if os.path.exists(filename):
-        with tables.open_file(filename, "a") as h5:
-            if f"/{name}" in h5:
-                print(f"replacing the earlier '{name}' in {filename} (continue one with --resume)")
-                h5.remove_node(f"/{name}", recursive=True)
     shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
+    put_back_copy(filename)  # a write was cut short: the copy is the good file
+    if not os.path.exists(filename):
+        return
+    try:
+        with tables.open_file(filename, "r") as h5:
+            held = f"/{name}" in h5
+    except Exception as error:
+        raise SweepFileDamaged(
+            f"{filename}: damaged, HDF5 cannot read it ({_hdf5_reason(error)}); move it away or "
+            f"choose another --out"
+        ) from None
+    if held:
+        print(f"replacing the earlier '{name}' in {filename} (continue one with --resume)")
+        _replace_atomically(filename, copy_name(filename), copy=True)
+        with tables.open_file(filename, "a") as h5:
+            h5.remove_node(f"/{name}", recursive=True)
+        os.remove(copy_name(filename))
 
 
 def has_resume_files(resume_folder, name):
-    """True while the experiment ``name`` has runs to resume (pypet deletes them when it finishes)."""
-    return os.path.isfile(os.path.join(resume_folder, name, "environment.ecnt"))
+    """True from the start of the experiment ``name`` until experiment_done: its saved settings
+    or pypet's resume files are there."""
+    return os.path.isfile(settings_file(resume_folder, name)) or os.path.isfile(
+        os.path.join(resume_folder, name, "environment.ecnt")
+    )
 
 
 def resume_experiment(args, filename, resume_folder, name):
-    """Continue the interrupted experiment ``name`` (each has its own folder in resume_folder)."""
+    """Continue the experiment ``name`` after a stop at any moment (see 'Stopping and resuming')."""
+    runs_left = repair_for_resume(filename, resume_folder, name)
+    if runs_left is None:
+        settings = saved_settings(resume_folder, name)
+        if settings is None:
+            sys.exit(
+                f"clustered_network.py: error: nothing to resume in {resume_folder} for '{name}' "
+                f"(it finished, or never started with this --out)"
+            )
+        print(f"'{name}' stopped before its first run was stored: starting it afresh", flush=True)
+        run = {trajectory: run for trajectory, run in EXPERIMENTS.values()}[name]
+        return run(argparse.Namespace(**{**vars(args), **settings}), filename, resume_folder)
+    if runs_left == 0:
+        # Stopped in the final stores. pypet's resume with several processes fails when no run
+        # is left; in one process it just does the final stores.
+        args = argparse.Namespace(**{**vars(args), "ncores": 1, "scoop": False})
     # pypet's resume loads the whole trajectory the generic way (and unpickles the resume folder,
     # which this script wrote): refuse a damaged file, or one with content that would run code.
     exit_if_unreadable("--resume", filename, [name], nodes=ALL_NODES)
     env = make_environment(args, filename, resume_folder, name)
-    try:
-        env.resume(trajectory_name=name, resume_folder=resume_folder)
-    finally:
-        env.disable_logging()
-    raise_for_incomplete_runs(env.trajectory)
+    run_until_stopped(env, lambda: env.resume(trajectory_name=name, resume_folder=resume_folder))
+    experiment_done(env, resume_folder, name)
 
 
 def run_experiments(args, filename, resume_folder):
-    """Run the chosen experiments in turn. With --resume: continue those that were interrupted,
-    start those the file does not hold yet, keep those that finished."""
+    """Run the chosen experiments in turn. With --resume: continue those that were stopped (or
+    never got to start) with the settings they were started with, keep those that finished."""
     chosen = ["sweep", "stimulus"] if args.experiment == "both" else [args.experiment]
     if args.resume:
         if not _have_dill():
@@ -1802,18 +2140,27 @@ def run_experiments(args, filename, resume_folder):
                 f"clustered_network.py: error: nothing to resume in {resume_folder} (the "
                 f"experiments finished, or never started with this --out)"
             )
-    elif args.experiment == "both" and os.path.exists(filename):
-        print(f"replacing the earlier experiments in {filename} (continue them with --resume)")
-        os.remove(filename)
+    else:
+        if args.experiment == "both" and os.path.exists(filename):
+            print(f"replacing the earlier experiments in {filename} (continue them with --resume)")
+            os.remove(filename)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy_name(filename))
+        # Saved before anything runs, so that --resume after a stop at any moment finishes every
+        # chosen experiment with these settings, also one that never got to start.
+        for experiment in chosen:
+            save_settings(args, resume_folder, EXPERIMENTS[experiment][0])
     for experiment in chosen:
         name, run = EXPERIMENTS[experiment]
         release_freed_memory()  # the previous experiment's network, before this one builds its own
         if args.resume and has_resume_files(resume_folder, name):
             print(f"resuming '{name}'", flush=True)
             resume_experiment(args, filename, resume_folder, name)
-        elif args.resume and os.path.exists(filename) and name in stored_experiments(filename):
+        elif args.resume and name in stored_experiments(filename):
             print(f"'{name}' finished before; kept as it is", flush=True)
         else:
+            if args.resume:  # chosen now, never started before: with the flags given now
+                save_settings(args, resume_folder, name)
             print(f"experiment '{name}'", flush=True)
             run(args, filename, resume_folder)
 
@@ -1847,6 +2194,17 @@ def report(filename, plots):
     print(f"HDF5 file: {os.path.abspath(filename)}")
 
 
+def resume_command(args):
+    command = ["python", sys.argv[0], "--resume", "--out", args.out]
+    if args.experiment != "both":
+        command += ["--experiment", args.experiment]
+    if args.ncores > 1:
+        command += ["--ncores", str(args.ncores)]
+    if args.no_plots:
+        command.append("--no-plots")
+    return shlex.join(command)
+
+
 def main(argv=None):
     args = parse_args(argv)
     # With several processes the parent's pre-built neurons are never simulated (forked workers
@@ -1864,14 +2222,30 @@ def main(argv=None):
     filename = os.path.join(args.out, HDF5_NAME)
     resume_folder = os.path.join(args.out, "resume")
     lock = hold_sweep_lock(args.out) if not args.scoop else None
+    stop_cleanly_on_signals()
+    if not args.scoop:
+        workers_die_with_this_process()
     started = time.time()
     try:
         run_experiments(args, filename, resume_folder)
     except RunFailed as error:
         print(f"clustered_network.py: error: {error}", file=sys.stderr)
-        print(f"finished runs are kept in {os.path.abspath(filename)}", file=sys.stderr)
+        print(f"finished runs are kept in {os.path.abspath(filename)}; to run the others again: "
+              f"{resume_command(args)}", file=sys.stderr)
         return 1
-    print(f"finished in {time.time() - started:.0f} s")
+    except (SweepInterrupted, *_STOPS) as stop:
+        if not isinstance(stop, SweepInterrupted):  # before pypet ran anything
+            signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+            stop = SweepInterrupted(signum, "none")
+        print(f"clustered_network.py: stopped by {signal.Signals(stop.signum).name}; runs "
+              f"finished and kept in {os.path.abspath(filename)}: {stop.finished}",
+              file=sys.stderr)
+        print(f"continue with: {resume_command(args)}", file=sys.stderr)
+        return EXIT_STATUS[stop.signum]
+    except SweepFileDamaged as error:
+        print(f"clustered_network.py: error: {error}", file=sys.stderr)
+        return 1
+    print(f"finished in {time.time() - started:.0f} s", flush=True)
     report(filename, plots=not args.no_plots)
     if lock is not None:
         lock.close()

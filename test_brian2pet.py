@@ -1365,7 +1365,7 @@ def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_pa
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
-    # The flags matter only for an experiment that resume starts afresh, here the stimulus one.
+    # The stimulus experiment, not started when the sweep was killed, runs with its saved settings.
     done = run_script(*TINY, "--ncores", "1", "--resume", "--no-plots", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     numbers = stored_numbers(str(tmp_path / cn.HDF5_NAME))
@@ -1375,7 +1375,9 @@ def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_pa
     assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
     # The stimulus experiment had not started when the sweep was killed: --resume started it.
     assert "resuming 'clustered_network'" in done.stdout
-    assert "experiment 'stimulus_response'" in done.stdout
+    assert "resuming 'stimulus_response'" in done.stdout
+    assert "'stimulus_response' stopped before its first run was stored: starting it afresh" in (
+        done.stdout)
 
 
 def test_resume_refuses_while_the_sweep_is_alive(tmp_path):
@@ -1515,14 +1517,16 @@ def test_replot_of_a_damaged_file_says_so_in_one_line(reference, tmp_path):
 
 
 def test_resume_of_a_damaged_file_says_so_in_one_line(reference, tmp_path):
+    # A sweep that was stopped before its first run (so --resume starts it afresh), whose file was
+    # then damaged by something else.
     out = tmp_path / "out"
-    (out / "resume" / cn.TRAJECTORY_NAME).mkdir(parents=True)
-    (out / "resume" / cn.TRAJECTORY_NAME / "environment.ecnt").write_bytes(b"")
+    args = cn.parse_args([*TINY, "--experiment", "sweep", "--out", str(out)])
+    cn.save_settings(args, str(out / "resume"), cn.TRAJECTORY_NAME)
     damaged_copy(reference, tmp_path).rename(out / cn.HDF5_NAME)
-    done = run_script("--resume", "--no-plots", "--out", str(out))
+    done = run_script("--resume", "--no-plots", "--experiment", "sweep", "--out", str(out))
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr
-    assert f"--resume: {out / cn.HDF5_NAME}: damaged" in done.stderr
+    assert f"{out / cn.HDF5_NAME}: damaged" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_replot_of_another_programs_hdf5_file_says_so_in_one_line(tmp_path):
@@ -1916,3 +1920,259 @@ def test_resume_of_the_stimulus_experiment_redoes_the_pre_run(reference_numbers,
     expected = {key: value for key, value in reference_numbers.items()
                 if key.startswith(cn.STIMULUS_TRAJECTORY_NAME + ".")}
     assert_same_numbers(stored_numbers(str(tmp_path / cn.HDF5_NAME)), expected)
+
+
+# Ctrl-C, SIGTERM, SIGKILL (issue 9): a stopped subrun is never stored as finished; the example
+# stops cleanly on Ctrl-C and SIGTERM, and resumes after SIGKILL anywhere, also inside HDF5 writes.
+# --------------------------------------------------------------------------------------------------
+
+
+class StopAt(NetworkComponent):
+    """A network_operation that, at simulated time ``at``, sends this process a real SIGINT or
+    calls Brian2's stop(); ``what`` says which."""
+
+    def __init__(self, what, at=5 * ms):
+        self.what, self.at = what, at
+
+    def build(self, traj, brian_list, network_dict):
+        def act(t):
+            if abs(t - self.at) < 0.05 * ms:
+                if self.what == "sigint":
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    brian2.stop()
+
+        brian_list.append(brian2.NetworkOperation(act, dt=0.1 * ms))
+
+
+@pytest.mark.parametrize("what", ["sigint", "stop"])
+def test_ctrl_c_during_a_subrun_raises_and_stop_is_analysed(what):
+    log = []
+    durations = (("first", 0, 20 * ms), ("second", 1, 10 * ms))
+    components = [SpyComponent("c1", log, makes_group="build"), StopAt(what)]
+    manager = NetworkManager(SpyRunner(log, durations), components, [SpyAnalyser("a1", log)])
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    assert signal.getsignal(signal.SIGINT) is brian2._int_handler  # Brian2's Ctrl-C handling is on
+    if what == "sigint":
+        with pytest.raises(KeyboardInterrupt, match=r"subrun `first` at t = 5\.\d* ms"):
+            manager.run_network(traj)
+        assert subruns_seen(log) == []  # the truncated subrun reached no analyser
+    else:
+        manager.run_network(traj)
+        # stop() is the model's choice: the first subrun is analysed where it stopped, the next runs
+        times = [e[3] for e in log if e[:2] == ("a1", "analyse")]
+        assert subruns_seen(log) == ["first", "second"]
+        assert times[0] == pytest.approx(5.0, abs=0.2) and times[1] == pytest.approx(times[0] + 10)
+    assert signal.getsignal(signal.SIGINT) is brian2._int_handler  # the wrapper is gone again
+
+
+def start_script(*args, **kwargs):
+    """The example in a new session (its own process group), stdout and stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=HERE, start_new_session=True, **kwargs,
+    )
+
+
+def wait_for_line(process, prefix):
+    """Read stdout until a line starts with prefix (blocks until the script prints it)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    raise AssertionError(f"the script ended before printing {prefix!r}: {''.join(seen)}")
+
+
+def assert_group_ends(pgid, within=10.0):
+    """Every process of the group is gone within a few seconds (a bounded wait, not a sleep)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    left = subprocess.run(["ps", "-o", "pid,ppid,args", "-g", str(pgid)], capture_output=True,
+                          text=True).stdout
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError(f"processes outlived the sweep by {within} s:\n{left}")
+
+
+EXPERIMENT_NAMES = (cn.TRAJECTORY_NAME, cn.STIMULUS_TRAJECTORY_NAME)
+
+
+def runs_simulated(stdout):
+    """{experiment: indices of the runs it started}, from the script's progress lines; each
+    experiment's lines follow a line that names it in quotes."""
+    simulated, current = {}, None
+    for line in stdout.splitlines():
+        named = [name for name in EXPERIMENT_NAMES if f"'{name}'" in line]
+        if named:
+            current = named[0]
+        elif line.startswith("run ") and " started" in line:
+            simulated.setdefault(current, set()).add(int(line.split()[1].split("/")[0]) - 1)
+    return simulated
+
+
+def assert_resumes_to_reference(out, ncores, reference_numbers, finished_before=None):
+    """--resume completes both experiments: the reference's numbers, every run once, none that had
+    finished before (``finished_before``: {experiment: run indices}) simulated again. Returns the
+    resume's stdout."""
+    done = run_script("--resume", "--no-plots", "--ncores", ncores, "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert_same_numbers(stored_numbers(str(out / cn.HDF5_NAME)), reference_numbers)
+    for name, runs in ((cn.TRAJECTORY_NAME, R_TINY), (cn.STIMULUS_TRAJECTORY_NAME, STRENGTHS_TINY)):
+        traj = cn.load_sweep(str(out / cn.HDF5_NAME), name)
+        assert len(traj.f_get_run_names()) == len(runs)
+        assert all(traj.f_get_run_information(run)["completed"] for run in traj.f_get_run_names())
+    simulated_again = runs_simulated(done.stdout)
+    for name, finished in (finished_before or {}).items():
+        assert not simulated_again.get(name, set()) & set(finished), done.stdout
+    assert not (out / (cn.HDF5_NAME + ".before-write")).exists()
+    return done.stdout
+
+
+@pytest.mark.parametrize("ncores", ["1", "2"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_stop_every_process_and_resume(reference_numbers, tmp_path, signum,
+                                                          ncores):
+    # Ctrl-C as a terminal sends it (to the whole process group); SIGTERM to the main process only.
+    process = start_script(*TINY, "--no-plots", "--ncores", ncores, "--out", str(tmp_path))
+    wait_for_line(process, f"run 2/{len(R_TINY)} started")
+    (os.killpg if signum == signal.SIGINT else os.kill)(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr
+    assert_group_ends(process.pid)
+    assert "Traceback" not in stderr
+    name = signal.Signals(signum).name
+    stopped = [line for line in stderr.splitlines()
+               if line.startswith(f"clustered_network.py: stopped by {name}")]
+    assert len(stopped) == 1, stderr
+    assert f"continue with: python {SCRIPT} --resume --out {tmp_path}" in stderr
+    # The runs it names as finished are in the file; the interrupted one is not stored as finished
+    # (else --resume would keep it and the numbers below would differ from the reference).
+    finished_text = stopped[0].split(": ")[-1]
+    named = [] if finished_text == "none" else [
+        int(run.split()[0]) for run in finished_text.split("), ")
+    ]
+    stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
+    assert set(named) <= set(stored)
+    assert_resumes_to_reference(tmp_path, ncores, reference_numbers,
+                                {cn.TRAJECTORY_NAME: named})
+
+
+STRACE = shutil.which("strace")
+needs_strace = pytest.mark.skipif(STRACE is None,
+                                  reason="strace is not installed (apt-get install strace)")
+
+
+def under_strace(out, ncores, inject=None, trace_file=os.devnull):
+    """The tiny sweep under strace, following every process; ``inject`` e.g. 'signal=KILL:when=7'
+    sends that signal to the process making the 7th pwrite64 call (HDF5 writes use pwrite64)."""
+    command = [STRACE, "-f", "-qq", "-o", trace_file, "-e", "trace=pwrite64,rename,unlink"]
+    if inject:
+        command += ["-e", f"inject=pwrite64:{inject}"]
+    command += [sys.executable, SCRIPT, *TINY, "--no-plots", "--ncores", ncores, "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=HERE, start_new_session=True)
+    stdout, stderr = process.communicate(timeout=300)
+    assert_group_ends(process.pid)  # strace leads the session: nothing of the sweep outlives it
+    return process.returncode, stdout, stderr
+
+
+def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=False):
+    """One trial: the sweep gets a signal at its `when`-th write, then --resume must complete it."""
+    out = tmp_path / f"{signal_name}_{ncores}_{when}"
+    status, stdout, stderr = under_strace(out, ncores, f"signal={signal_name}:when={when}")
+    if signal_name == "KILL":
+        assert status in (137, -9), f"not killed at write {when}: {status}\n{stderr[-2000:]}"
+    else:
+        assert status == 143 and "stopped by SIGTERM" in stderr, f"write {when}: {stderr[-2000:]}"
+    finished = {}  # experiment: the runs pypet counted as finished, for those that got so far
+    for name in EXPERIMENT_NAMES:
+        resume_path = str(out / "resume" / name)
+        if cn._runs_in_resume_snapshot(resume_path) is not None:
+            finished[name] = cn._finished_run_indices(resume_path)
+    if final:  # the last kill point must hit the final stores, after every run was counted
+        assert finished == {cn.STIMULUS_TRAJECTORY_NAME: set(range(len(STRENGTHS_TINY)))}, (
+            f"write {when} came before the final stores")
+    try:
+        resumed = assert_resumes_to_reference(out, ncores, reference_numbers, finished)
+    except AssertionError as error:
+        raise AssertionError(f"{signal_name} at write {when}, {ncores} core(s): {error}") from None
+    assert finished or "starting it afresh" in resumed
+    shutil.rmtree(out)
+
+
+@needs_strace
+@pytest.mark.parametrize("ncores,kills,terms", [("1", 6, 2), ("2", 4, 0)],
+                         ids=["1-core", "2-cores"])
+def test_a_signal_at_any_write_then_resume_gives_the_reference(reference_numbers, tmp_path, ncores,
+                                                               kills, terms):
+    # Count the sweep's writes (its numbers must be the reference's too), then spread SIGKILL (and
+    # SIGTERM, which must wait for the write) over them, from the first write of the parameters
+    # to the middle of the final stores. The count varies by a few writes from sweep to sweep.
+    trace = tmp_path / "trace"
+    status, _, stderr = under_strace(tmp_path / "counted", ncores, trace_file=str(trace))
+    assert status == 0, stderr
+    assert_same_numbers(stored_numbers(str(tmp_path / "counted" / cn.HDF5_NAME)), reference_numbers)
+    # The final stores of the last experiment lie between pypet counting its last run finished (a
+    # .rcnt file) and the script deleting that experiment's saved settings.
+    lines = trace.read_text().splitlines()
+    last_counted = max(k for k, line in enumerate(lines) if "rename(" in line and '.rcnt"' in line)
+    done = next(k for k, line in enumerate(lines) if "unlink(" in line and
+                f"{cn.STIMULUS_TRAJECTORY_NAME}.settings.json" in line)
+    final_stores = [sum("pwrite64(" in line for line in lines[:k]) for k in (last_counted, done)]
+    assert final_stores[1] - final_stores[0] > 10
+    last_point = sum(final_stores) // 2
+    trials = []
+    for signal_name, count in (("KILL", kills), ("TERM", terms)):
+        points = sorted({int(round(x)) for x in np.linspace(1, last_point, count)})
+        trials += [(signal_name, n, signal_name == "KILL" and n == points[-1]) for n in points]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two trials at a time: one per core
+        for future in [pool.submit(kill_trial, tmp_path, reference_numbers, ncores, name, n,
+                                   final=last) for name, n, last in trials]:
+            future.result()
+
+
+def test_resume_of_a_file_damaged_beyond_repair_says_so_in_one_line(tmp_path):
+    process = start_script(*TINY, "--no-plots", "--ncores", "1", "--out", str(tmp_path))
+    wait_for_line(process, f"run 2/{len(R_TINY)} started")
+    os.kill(process.pid, signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 143
+    # Damaged by something other than the sweep (the disk, another program): no copy to go back to.
+    (tmp_path / cn.HDF5_NAME).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 4096)
+    done = run_script("--resume", "--no-plots", "--out", str(tmp_path))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "damaged beyond repair" in lines[0] and "1 finished run(s) are lost" in lines[0]
+    assert "without --resume" in lines[0]
+
+
+def test_a_killed_worker_fails_its_run_the_others_go_on_and_resume_completes(reference_numbers,
+                                                                              tmp_path):
+    process = start_script(*TINY, "--no-plots", "--ncores", "2", "--out", str(tmp_path))
+    wait_for_line(process, f"run 2/{len(R_TINY)} started")
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
+        workers = [int(pid) for pid in children.read().split()]
+    assert workers
+    os.kill(max(workers), signal.SIGKILL)  # the worker forked last: run 2's (the OOM killer's way)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "clustered_network.py: error: run 1 (R_ee = 2.5) did not complete" in stderr
+    assert f"run 3/{len(R_TINY)} started" in stdout  # the sweep went on after the dead worker
+    assert_group_ends(process.pid)
+    stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
+    assert stored == [0, 2]
+    assert_resumes_to_reference(tmp_path, "2", reference_numbers,
+                                {cn.TRAJECTORY_NAME: stored})
