@@ -1805,6 +1805,18 @@ def put_back_copy(filename):
     return True
 
 
+def remove_from_file(filename, paths):
+    """Remove the HDF5 groups ``paths`` from ``filename``: a write like pypet's stores, so the file
+    is copied aside first and the copy dropped after it."""
+    import tables
+
+    _replace_atomically(filename, copy_name(filename), copy=True)
+    with tables.open_file(filename, "a") as h5:
+        for path in paths:
+            h5.remove_node(path, recursive=True)
+    os.remove(copy_name(filename))
+
+
 def _replace_atomically(source, target, copy):
     """Copy (or move) ``source`` to ``target`` so that ``target`` is either old or complete."""
     partial = target + ".partial"
@@ -1950,11 +1962,7 @@ def repair_for_resume(filename, resume_folder, trajectory_name):
     # A run stored just before the kill, but not yet counted by pypet, runs again: remove it.
     unfinished = [name for name in stored if int(name.rsplit("_", 1)[1]) not in finished]
     if unfinished:
-        _replace_atomically(filename, copy_name(filename), copy=True)
-        with tables.open_file(filename, "a") as hdf5:
-            for name in unfinished:
-                hdf5.remove_node(f"{runs_path}/{name}", recursive=True)
-        os.remove(copy_name(filename))
+        remove_from_file(filename, [f"{runs_path}/{name}" for name in unfinished])
         print(f"{filename}: {', '.join(unfinished)} stored but not counted as finished: runs again")
     return runs - len(finished)
 
@@ -2089,10 +2097,7 @@ def start_afresh(filename, resume_folder, name):
         ) from None
     if held:
         print(f"replacing the earlier '{name}' in {filename} (continue one with --resume)")
-        _replace_atomically(filename, copy_name(filename), copy=True)
-        with tables.open_file(filename, "a") as h5:
-            h5.remove_node(f"/{name}", recursive=True)
-        os.remove(copy_name(filename))
+        remove_from_file(filename, [f"/{name}"])
 
 
 def has_resume_files(resume_folder, name):
