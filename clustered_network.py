@@ -74,6 +74,7 @@ from brian2 import (
     second,
 )
 from brian2 import seed as brian2_seed
+from pypet import Environment
 from pypet.storageservice import HDF5StorageService
 
 from brian2pet import (
@@ -957,7 +958,7 @@ def build_manager(args):
 def run_sweep(args, filename, resume_folder):
     """Experiment 1, the R_ee sweep: environment, trajectory, manager, parameters, exploration,
     pre-build, run. Each R_ee needs its own connections, so only the neurons are pre-built."""
-    start_afresh(filename, resume_folder, TRAJECTORY_NAME)
+    start_afresh(filename, resume_folder, TRAJECTORY_NAME, args.resume)
     env = make_environment(args, filename, resume_folder, TRAJECTORY_NAME,
                            "Litwin-Kumar & Doiron (2012) clustered network explored over R_ee")
     traj = env.trajectory
@@ -997,7 +998,7 @@ def run_stimulus_experiment(args, filename, resume_folder):
     """Experiment 2, stimulus-induced quenching of variability: ONE clustered network, built and
     pre-run once (spec 7.3, pre_run_network); every run starts from the state after that pre-run
     and explores the stimulus strength (0 is the control)."""
-    start_afresh(filename, resume_folder, STIMULUS_TRAJECTORY_NAME)
+    start_afresh(filename, resume_folder, STIMULUS_TRAJECTORY_NAME, args.resume)
     env = make_environment(args, filename, resume_folder, STIMULUS_TRAJECTORY_NAME,
                            "Litwin-Kumar & Doiron (2012): a stimulus to a few clusters")
     traj = env.trajectory
@@ -1713,7 +1714,9 @@ def hold_sweep_lock(folder):
 #   lets pypet re-run exactly the unfinished runs. Killed before pypet noted its first run, the
 #   sweep starts afresh from the settings saved at its start.
 # - Forked workers die with their parent (prctl PR_SET_PDEATHSIG): none outlives a killed sweep
-#   holding its lock, and a worker that dies makes its run fail while the others go on.
+#   holding its lock. A worker that dies makes its run fail while the others go on, also when it
+#   dies halfway through sending its results: each sends them through a pipe of its own
+#   (RunResultPipe, SweepEnvironment).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -1811,7 +1814,7 @@ def remove_from_file(filename, paths):
     import tables
 
     _replace_atomically(filename, copy_name(filename), copy=True)
-    with tables.open_file(filename, "a") as h5:
+    with pickles_refused(), tables.open_file(filename, "a") as h5:
         for path in paths:
             h5.remove_node(path, recursive=True)
     os.remove(copy_name(filename))
@@ -1949,7 +1952,7 @@ def repair_for_resume(filename, resume_folder, trajectory_name):
     try:
         import tables
 
-        with tables.open_file(filename, "r") as hdf5:
+        with pickles_refused(), tables.open_file(filename, "r") as hdf5:
             hdf5.get_node(f"/{trajectory_name}")
             stored = [g._v_name for g in hdf5.iter_nodes(runs_path)] if runs_path in hdf5 else []
     except Exception as error:
@@ -1999,6 +2002,77 @@ def run_until_stopped(env, start):
         env.disable_logging()
 
 
+class RunResultPipe:
+    """The way one worker's results travel to the main process: a pipe of its own.
+
+    pypet's worker hands its run's results (the data to store, as the LOCAL wrap mode collects
+    it) to ``put`` and then calls ``close``; the main process reads them from ``reader``. pypet
+    would give all workers one multiprocessing Queue instead. A worker killed halfway through its
+    message then leaves the Queue's shared write lock taken and a partial message in the shared
+    pipe: the other workers block on the lock and the main process waits for the rest of the
+    message, for ever. With a pipe per worker, the death of a worker closes its pipe's only write
+    end: the main process reads end-of-file there, that one run fails, and the others go on.
+    """
+
+    def __init__(self):
+        self.reader, self.writer = multiprocessing.Pipe(duplex=False)
+
+    def put(self, result):  # in the worker; no feeder thread, no lock: the worker writes it all
+        self.writer.send(result)
+
+    def close(self):
+        self.writer.close()
+
+
+class SweepEnvironment(Environment):
+    """pypet's Environment, with a RunResultPipe per forked worker in place of its result queue.
+
+    Only the forking path (multiproc without a pool) hands pypet's single-run wrapper a result
+    queue; pypet takes it from the task it builds per run (_make_iterator) and reads it in its
+    loop over the running workers (_get_results_from_queue). These two methods swap it. The
+    queue pypet still makes is never used.
+    """
+
+    _pipes = ()
+
+    def __setattr__(self, name, value):
+        # pypet's Environment sets attributes through super(type(self), self), which calls itself
+        # for ever in a subclass. Its "v_" prefix is an alias of the plain name.
+        object.__setattr__(self, name[2:] if name.startswith("v_") else name, value)
+
+    def _make_iterator(self, start_run_idx, copy_data=False, **kwargs):
+        tasks = super()._make_iterator(start_run_idx, copy_data, **kwargs)
+        if "result_queue" not in kwargs:
+            return tasks
+        self._pipes = []
+        return self._tasks_with_own_pipes(tasks)
+
+    def _tasks_with_own_pipes(self, tasks):
+        for task in tasks:
+            pipe = RunResultPipe()
+            self._pipes.append(pipe)
+            yield dict(task, result_queue=pipe)  # pypet forks the worker right after taking it
+
+    def _get_results_from_queue(self, result_queue, results, n, total_runs):
+        for pipe in list(self._pipes):
+            # pypet calls this right after it forked a worker, before it forks another one: the
+            # worker now holds the write end, and this process must let go of its own copy (nor
+            # may the next worker inherit it), or the pipe would never report the worker's death.
+            if not pipe.writer.closed:
+                pipe.writer.close()
+            if not pipe.reader.poll():
+                continue
+            try:
+                result = pipe.reader.recv()  # the worker is writing: the whole message, or EOF
+            except (EOFError, OSError):
+                result = None  # the worker died: its run stays incomplete and fails the sweep
+            pipe.reader.close()
+            self._pipes.remove(pipe)
+            if result is not None:
+                n = self._check_result_and_store_references(result, results, n, total_runs)
+        return n
+
+
 def _have_dill():
     try:
         import dill  # noqa: F401
@@ -2009,8 +2083,6 @@ def _have_dill():
 
 def make_environment(args, filename, resume_folder, name=TRAJECTORY_NAME, comment=""):
     """pypet's Environment for the trajectory ``name`` in ``filename`` (added beside any other)."""
-    from pypet import Environment
-
     multiproc = {}
     if args.scoop:
         # Workers on other hosts get the run function pickled; each keeps its own results (LOCAL).
@@ -2018,9 +2090,10 @@ def make_environment(args, filename, resume_folder, name=TRAJECTORY_NAME, commen
     elif args.ncores > 1:
         # Fork without a pool, so the pre-built network needs no pickling. The workers send their
         # results to this process, the one writer of the HDF5 file: LOCAL rather than QUEUE, because
-        # pypet can resume only LOCK, NETLOCK and LOCAL sweeps.
+        # pypet can resume only LOCK, NETLOCK and LOCAL sweeps. Each worker sends its results
+        # through a pipe of its own (SweepEnvironment), so that a killed worker fails only its run.
         multiproc = dict(multiproc=True, ncores=args.ncores, use_pool=False, wrap_mode="LOCAL")
-    return Environment(
+    return SweepEnvironment(
         trajectory=name,
         filename=filename,
         storage_service=RecoverableHDF5StorageService,
@@ -2077,10 +2150,11 @@ def raise_for_incomplete_runs(traj):
         )
 
 
-def start_afresh(filename, resume_folder, name):
+def start_afresh(filename, resume_folder, name, resuming=False):
     """Remove an earlier run of the experiment ``name``: its trajectory in the file (the other
-    experiment's stays) and pypet's resume files. The removal is a write like any other, so the
-    file is copied aside first (see 'Stopping and resuming')."""
+    experiment's stays) and pypet's resume files; ``resuming``: what it stored before it was
+    stopped, ahead of its first run. The removal is a write like any other, so the file is copied
+    aside first (see 'Stopping and resuming')."""
     import tables
 
     shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
@@ -2088,15 +2162,18 @@ def start_afresh(filename, resume_folder, name):
     if not os.path.exists(filename):
         return
     try:
-        with tables.open_file(filename, "r") as h5:
+        with pickles_refused(), tables.open_file(filename, "r") as h5:
             held = f"/{name}" in h5
     except Exception as error:
         raise SweepFileDamaged(
             f"{filename}: damaged, HDF5 cannot read it ({_hdf5_reason(error)}); move it away or "
             f"choose another --out"
         ) from None
-    if held:
+    if held and resuming:
+        print(f"removing what '{name}' stored in {filename} before it was stopped")
+    elif held:
         print(f"replacing the earlier '{name}' in {filename} (continue one with --resume)")
+    if held:
         remove_from_file(filename, [f"/{name}"])
 
 

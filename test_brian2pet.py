@@ -25,7 +25,6 @@ from brian2 import (
     EventMonitor,
     Hz,
     NeuronGroup,
-    PoissonGroup,
     PopulationRateMonitor,
     SpikeMonitor,
     StateMonitor,
@@ -2107,6 +2106,7 @@ def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=Fal
     except AssertionError as error:
         raise AssertionError(f"{signal_name} at write {when}, {ncores} core(s): {error}") from None
     assert finished or "starting it afresh" in resumed
+    assert "replacing the earlier" not in resumed  # the stopped attempt is no earlier experiment
     shutil.rmtree(out)
 
 
@@ -2177,3 +2177,56 @@ def test_a_killed_worker_fails_its_run_the_others_go_on_and_resume_completes(ref
     assert stored == [0, 2]
     assert_resumes_to_reference(tmp_path, "2", reference_numbers,
                                 {cn.TRAJECTORY_NAME: stored})
+
+
+def blocked_in_handing_over(pid):
+    """True when a thread of process ``pid`` waits in write() on a pipe other than its stdout or
+    stderr: a worker handing its run's results to the main process while nobody reads them."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/wchan") as wchan:
+            if not wchan.read().endswith("pipe_write"):
+                continue
+        with open(f"/proc/{pid}/task/{tid}/syscall") as syscall:
+            fields = syscall.read().split()
+        if len(fields) < 2 or not fields[1].startswith("0x"):
+            continue  # it left the write in the meantime
+        target = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
+        stdio = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)}
+        if target.startswith("pipe:") and target not in stdio:
+            return True
+    return False
+
+
+def test_a_worker_killed_while_it_hands_over_its_results_fails_only_its_run(reference_numbers,
+                                                                            tmp_path):
+    # The worst moment to lose a worker: halfway through the message that carries its results to
+    # the main process. Stopping the main process (SIGSTOP) leaves the workers' results unread, so
+    # a worker that finishes its run blocks inside that message; then it is killed, and the main
+    # process continues. The main process must not wait for the rest of the message, nor may the
+    # other worker wait for a lock the dead one held: the sweep goes on and ends with one failed run.
+    import time
+
+    process = start_script(*TINY, "--no-plots", "--ncores", "2", "--out", str(tmp_path))
+    wait_for_line(process, f"run 2/{len(R_TINY)} started")
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        victim, deadline = None, time.monotonic() + 120
+        while victim is None:  # each worker ends its run and blocks in its hand-over
+            with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
+                workers = [int(pid) for pid in children.read().split()]
+            assert workers, "every worker ended without blocking: results fit into a pipe"
+            assert time.monotonic() < deadline, "no worker came to hand over its results"
+            victim = next((pid for pid in workers if blocked_in_handing_over(pid)), None)
+            time.sleep(0.01)  # the poll's interval: leave the cores to the workers
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert_group_ends(process.pid)
+    stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
+    (lost,) = set(range(len(R_TINY))) - set(stored)  # exactly one run failed: the killed one's
+    assert lost in (0, 1)
+    assert f"run {lost} (R_ee = {R_TINY[lost]}) did not complete" in stderr
+    assert f"run 3/{len(R_TINY)} started" in stdout
+    assert_resumes_to_reference(tmp_path, "2", reference_numbers, {cn.TRAJECTORY_NAME: stored})
