@@ -2033,7 +2033,7 @@ class SweepEnvironment(Environment):
     queue pypet still makes is never used.
     """
 
-    _pipes = ()
+    _pipes = ()  # of the workers whose results have not come yet
 
     def __setattr__(self, name, value):
         # pypet's Environment sets attributes through super(type(self), self), which calls itself
@@ -2044,17 +2044,16 @@ class SweepEnvironment(Environment):
         tasks = super()._make_iterator(start_run_idx, copy_data, **kwargs)
         if "result_queue" not in kwargs:
             return tasks
-        self._pipes = []
         return self._tasks_with_own_pipes(tasks)
 
     def _tasks_with_own_pipes(self, tasks):
         for task in tasks:
             pipe = RunResultPipe()
-            self._pipes.append(pipe)
+            self._pipes += (pipe,)
             yield dict(task, result_queue=pipe)  # pypet forks the worker right after taking it
 
     def _get_results_from_queue(self, result_queue, results, n, total_runs):
-        for pipe in list(self._pipes):
+        for pipe in self._pipes:
             # pypet calls this right after it forked a worker, before it forks another one: the
             # worker now holds the write end, and this process must let go of its own copy (nor
             # may the next worker inherit it), or the pipe would never report the worker's death.
@@ -2067,7 +2066,7 @@ class SweepEnvironment(Environment):
             except (EOFError, OSError):
                 result = None  # the worker died: its run stays incomplete and fails the sweep
             pipe.reader.close()
-            self._pipes.remove(pipe)
+            self._pipes = tuple(other for other in self._pipes if other is not pipe)
             if result is not None:
                 n = self._check_result_and_store_references(result, results, n, total_runs)
         return n
