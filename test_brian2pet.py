@@ -2215,7 +2215,9 @@ def test_a_worker_killed_while_it_hands_over_its_results_fails_only_its_run(refe
             with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
                 workers = [int(pid) for pid in children.read().split()]
             assert workers, "every worker ended without blocking: results fit into a pipe"
-            assert time.monotonic() < deadline, "no worker came to hand over its results"
+            assert time.monotonic() < deadline, (
+                "no worker was seen blocked in its hand-over (does /proc/PID/task/TID/wchan name "
+                "kernel functions here?)")
             victim = next((pid for pid in workers if blocked_in_handing_over(pid)), None)
             time.sleep(0.01)  # the poll's interval: leave the cores to the workers
         os.kill(victim, signal.SIGKILL)
