@@ -1975,6 +1975,17 @@ def start_script(*args, **kwargs):
     )
 
 
+def ended(process, timeout):
+    """(stdout, stderr) of ``process`` once it ends. One that hangs fails the test, and is killed
+    with its whole process group first, so that no hung sweep outlives its test."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"still running after {timeout} s (killed):\n{stdout}\n{stderr}") from None
+
+
 def wait_for_line(process, prefix):
     """Read stdout until a line starts with prefix (blocks until the script prints it)."""
     seen = []
@@ -2045,7 +2056,7 @@ def test_ctrl_c_and_sigterm_stop_every_process_and_resume(reference_numbers, tmp
     process = start_script(*TINY, "--no-plots", "--ncores", ncores, "--out", str(tmp_path))
     wait_for_line(process, f"run 2/{len(R_TINY)} started")
     (os.killpg if signum == signal.SIGINT else os.kill)(process.pid, signum)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = ended(process, 60)
     assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr
     assert_group_ends(process.pid)
     assert "Traceback" not in stderr
@@ -2080,7 +2091,7 @@ def under_strace(out, ncores, inject=None, trace_file=os.devnull):
     command += [sys.executable, SCRIPT, *TINY, "--no-plots", "--ncores", ncores, "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=HERE, start_new_session=True)
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = ended(process, 300)
     assert_group_ends(process.pid)  # strace leads the session: nothing of the sweep outlives it
     return process.returncode, stdout, stderr
 
@@ -2147,7 +2158,7 @@ def test_resume_of_a_file_damaged_beyond_repair_says_so_in_one_line(tmp_path):
     process = start_script(*TINY, "--no-plots", "--ncores", "1", "--out", str(tmp_path))
     wait_for_line(process, f"run 2/{len(R_TINY)} started")
     os.kill(process.pid, signal.SIGTERM)
-    process.communicate(timeout=60)
+    ended(process, 60)
     assert process.returncode == 143
     # Damaged by something other than the sweep (the disk, another program): no copy to go back to.
     (tmp_path / cn.HDF5_NAME).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 4096)
@@ -2168,7 +2179,7 @@ def test_a_killed_worker_fails_its_run_the_others_go_on_and_resume_completes(ref
         workers = [int(pid) for pid in children.read().split()]
     assert workers
     os.kill(max(workers), signal.SIGKILL)  # the worker forked last: run 2's (the OOM killer's way)
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = ended(process, 120)
     assert process.returncode == 1
     assert "clustered_network.py: error: run 1 (R_ee = 2.5) did not complete" in stderr
     assert f"run 3/{len(R_TINY)} started" in stdout  # the sweep went on after the dead worker
@@ -2223,7 +2234,7 @@ def test_a_worker_killed_while_it_hands_over_its_results_fails_only_its_run(refe
         os.kill(victim, signal.SIGKILL)
     finally:
         os.kill(process.pid, signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = ended(process, 120)
     assert process.returncode == 1, stderr
     assert_group_ends(process.pid)
     stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
