@@ -463,6 +463,13 @@ class CNStimulus(NetworkComponent):
 # ---------------------------------------------------------------------------------------------------
 
 
+def add_subrun(traj, name, duration, order, comment):
+    """A subrun for the runner (spec 7.5): a duration parameter under simulation.durations (or
+    .pre_durations, the pre-run's), run in the order of its ``order`` annotation."""
+    par = traj.f_add_parameter(Brian2Parameter, name, duration, comment=comment)
+    par.v_annotations.order = order
+
+
 class CNNetworkRunner(NetworkRunner):
     """An initial run that lets the network settle, then the measured run (spec 7.5)."""
 
@@ -473,16 +480,10 @@ class CNNetworkRunner(NetworkRunner):
         self.measurement_run = measurement_run
 
     def add_parameters(self, traj):
-        par = traj.f_add_parameter(
-            Brian2Parameter, "simulation.durations.initial_run", self.initial_run,
-            comment="Settling time, not analysed",
-        )
-        par.v_annotations.order = 0
-        par = traj.f_add_parameter(
-            Brian2Parameter, "simulation.durations.measurement_run", self.measurement_run,
-            comment="Recorded and analysed",
-        )
-        par.v_annotations.order = 1
+        add_subrun(traj, "simulation.durations.initial_run", self.initial_run, 0,
+                   "Settling time, not analysed")
+        add_subrun(traj, "simulation.durations.measurement_run", self.measurement_run, 1,
+                   "Recorded and analysed")
 
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
         if not is_pre_run(current_subrun) and "wall_start" not in network_dict:
@@ -500,21 +501,12 @@ class CNStimulusRunner(CNNetworkRunner):
         self.period = period
 
     def add_parameters(self, traj):
-        par = traj.f_add_parameter(
-            Brian2Parameter, "simulation.pre_durations.settling_run", self.settling_run,
-            comment="Settling time, simulated once before all runs (the pre-run), not analysed",
-        )
-        par.v_annotations.order = 0
-        par = traj.f_add_parameter(
-            Brian2Parameter, "simulation.durations.spontaneous", self.period,
-            comment="Recorded without stimulus",
-        )
-        par.v_annotations.order = 0
-        par = traj.f_add_parameter(
-            Brian2Parameter, "simulation.durations.stimulus", self.period,
-            comment="Recorded with the stimulus switched on",
-        )
-        par.v_annotations.order = 1
+        add_subrun(traj, "simulation.pre_durations.settling_run", self.settling_run, 0,
+                   "Settling time, simulated once before all runs (the pre-run), not analysed")
+        add_subrun(traj, "simulation.durations.spontaneous", self.period, 0,
+                   "Recorded without stimulus")
+        add_subrun(traj, "simulation.durations.stimulus", self.period, 1,
+                   "Recorded with the stimulus switched on")
 
 
 def is_pre_run(subrun):
