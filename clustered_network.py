@@ -1244,15 +1244,20 @@ def explored_values(traj, name):
     return [values[idx] if len(values) > 1 else values[0] for idx in range(len(traj))]
 
 
+def runs_with(traj, result_name):
+    """(index, run group) of every run that stored ``result_name`` (e.g. 'statistics.quenching');
+    a run that failed, was cancelled before it or never ran has none."""
+    for idx, run_name in enumerate(traj.f_get_run_names()):
+        path = f"results.runs.{run_name}"
+        if traj.f_contains(f"{path}.{result_name}", shortcuts=False):
+            yield idx, traj.f_get(path, shortcuts=False)
+
+
 def pathological_runs(traj, explored_name):
     """(index, value of ``explored_name``, reason) of every run the activity guard flagged."""
     values = explored_values(traj, explored_name)
-    cancelled = []
-    for idx, run_name in enumerate(traj.f_get_run_names()):
-        path = f"results.runs.{run_name}.statistics.pathological"
-        if traj.f_contains(path, shortcuts=False):
-            cancelled.append((idx, float(values[idx]), traj.f_get(path, shortcuts=False).reason))
-    return cancelled
+    return [(idx, float(values[idx]), run.f_get("statistics.pathological").reason)
+            for idx, run in runs_with(traj, "statistics.pathological")]
 
 
 def sweep_rows(traj):
@@ -1261,11 +1266,7 @@ def sweep_rows(traj):
     have no row (pathological_runs lists those the guard cancelled)."""
     values = explored_values(traj, "connections.R_ee")
     rows = []
-    for idx, run_name in enumerate(traj.f_get_run_names()):
-        path = f"results.runs.{run_name}"
-        if not traj.f_contains(f"{path}.statistics.fano_factor", shortcuts=False):
-            continue  # a run that failed, was cancelled or never ran
-        run = traj.f_get(path, shortcuts=False)
+    for idx, run in runs_with(traj, "statistics.fano_factor"):
         rates = run.f_get("statistics.rates")
         fano = run.f_get("statistics.fano_factor")
         correlations = run.f_get("statistics.correlations")
@@ -1311,11 +1312,7 @@ def stimulus_rows(traj):
     ff_spontaneous, ff_stimulus, rate_spontaneous, rate_stimulus (Hz), clusters, run group."""
     values = explored_values(traj, "stimulus.strength")
     rows = []
-    for idx, run_name in enumerate(traj.f_get_run_names()):
-        path = f"results.runs.{run_name}"
-        if not traj.f_contains(f"{path}.statistics.quenching", shortcuts=False):
-            continue  # a run that failed, was cancelled or never ran
-        run = traj.f_get(path, shortcuts=False)
+    for idx, run in runs_with(traj, "statistics.quenching"):
         quenching = run.f_get("statistics.quenching")
         rows.append({
             "idx": idx,
