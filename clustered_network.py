@@ -1947,8 +1947,7 @@ def repair_for_resume(filename, resume_folder, trajectory_name):
     except Exception as error:
         lost = f"{len(finished)} finished run(s) are lost with it" if finished else "none finished"
         raise SweepFileDamaged(
-            f"{filename} is damaged beyond repair ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}) and has no copy from "
+            f"{filename} is damaged beyond repair ({_first_line(error)}) and has no copy from "
             f"before a write; {lost}: start the sweep again without --resume"
         ) from None
     # A run stored just before the kill, but not yet counted by pypet, runs again: remove it.
