@@ -2171,12 +2171,17 @@ def test_resume_of_a_file_damaged_beyond_repair_says_so_in_one_line(tmp_path):
     assert "without --resume" in lines[0]
 
 
+def workers_of(pid):
+    """Pids of the processes that process ``pid`` forked and that still live (its workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
 def test_a_killed_worker_fails_its_run_the_others_go_on_and_resume_completes(reference_numbers,
                                                                               tmp_path):
     process = start_script(*TINY, "--no-plots", "--ncores", "2", "--out", str(tmp_path))
     wait_for_line(process, f"run 2/{len(R_TINY)} started")
-    with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
-        workers = [int(pid) for pid in children.read().split()]
+    workers = workers_of(process.pid)
     assert workers
     os.kill(max(workers), signal.SIGKILL)  # the worker forked last: run 2's (the OOM killer's way)
     stdout, stderr = ended(process, 120)
@@ -2223,8 +2228,7 @@ def test_a_worker_killed_while_it_hands_over_its_results_fails_only_its_run(refe
     try:
         victim, deadline = None, time.monotonic() + 120
         while victim is None:  # each worker ends its run and blocks in its hand-over
-            with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
-                workers = [int(pid) for pid in children.read().split()]
+            workers = workers_of(process.pid)
             assert workers, "every worker ended without blocking: results fit into a pipe"
             assert time.monotonic() < deadline, (
                 "no worker was seen blocked in its hand-over (does /proc/PID/task/TID/wchan name "
