@@ -19,6 +19,14 @@ Reading order follows the spec:
   4. The runner             NetworkRunner and its _execute_network_run                (7.4.2, 7.5)
   5. The manager            NetworkManager                                            (7.2, 7.3)
 
+Beyond the spec (a reader of sections 1-5 needs nothing from here):
+  6. Long explorations      what an exploration needs to run for hours and to share its files:
+                            stopping cleanly (stop_cleanly_on_signals); storage that a kill at any
+                            moment cannot ruin (CheckpointedHDF5StorageService, prepare_resume);
+                            forked workers that die with the sweep (ForkingEnvironment); files from
+                            elsewhere loaded without running anything (load_nodes); SCOOP's exit
+                            status (run_command)
+
 Where this module and pypet.brian2 differ, on purpose (everything else is pypet.brian2's behaviour,
 checked by running pypet's own tests of pypet.brian2 against this module):
   - Several runs in ONE process work. pypet.brian2 keeps one brian_list for its whole life, so a
@@ -72,6 +80,23 @@ __all__ = [
     "NetworkAnalyser",
     "NetworkRunner",
     "NetworkManager",
+    # 6. Long explorations (beyond the spec)
+    "Terminated",
+    "signals_deferred",
+    "stop_cleanly_on_signals",
+    "CheckpointedHDF5StorageService",
+    "FileDamaged",
+    "restore_checkpoint",
+    "remove_from_file",
+    "prepare_resume",
+    "finished_runs",
+    "ForkingEnvironment",
+    "SAFE_CLASSES",
+    "FileRefused",
+    "pickles_refused",
+    "check_file",
+    "load_nodes",
+    "run_command",
 ]
 
 
@@ -792,3 +817,859 @@ class NetworkManager(HasLogger):
         explored = traj.f_get_explored_parameters(copy=False)
         values = ", ".join(f"{p.v_full_name} = {p.f_val_to_str()}" for p in explored.values())
         self._logger.info(f"Running the network, run {traj.v_idx}: {values or 'nothing explored'}")
+
+
+# ===================================================================================================
+# Beyond the spec. Sections 1-5 are the spec's framework, and a reader of them needs nothing below.
+# ===================================================================================================
+#
+# 6. Long explorations: running for hours, and sharing the files
+#
+# An exploration that runs for hours on many cores meets what a short script never does: a scheduler's
+# time limit (SIGTERM), Ctrl-C, the OOM killer or `kill -9` (SIGKILL, which no program can catch),
+# a worker process that dies, and results files that travel to colleagues. This section gives what
+# every such exploration needs, each piece usable with pypet's own Environment:
+#
+#   6.1 Stopping cleanly      signals_deferred, stop_cleanly_on_signals, Terminated
+#   6.2 Storage a kill        CheckpointedHDF5StorageService (Environment(storage_service=...)),
+#       cannot ruin           restore_checkpoint, prepare_resume, finished_runs, remove_from_file
+#   6.3 Forked workers        ForkingEnvironment (pypet's Environment, multiproc without a pool)
+#   6.4 Files from elsewhere  load_nodes, check_file, pickles_refused, FileRefused
+#   6.5 SCOOP's exit status   run_command
+#
+# Linux-only calls (prctl for workers, /proc for SCOOP) are used where they exist; elsewhere the
+# feature is skipped with a warning that says what is missing, and everything else works.
+# ---------------------------------------------------------------------------------------------------
+
+# Imported here rather than at the top: sections 1-5 need none of it.
+import logging  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from pypet import Environment, Trajectory  # noqa: E402
+from pypet.storageservice import HDF5StorageService  # noqa: E402
+
+_log = logging.getLogger("brian2pet")
+_warned = set()
+
+
+def _warn_once(key, message):
+    """Log ``message`` as a warning once per process (a feature this platform lacks, say)."""
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(message)
+
+
+def _first_line(error):
+    """'ErrorType: first line of its message', for errors that must fit on one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6.1 Stopping cleanly
+#
+# Ctrl-C (SIGINT) and SIGTERM may come at any moment. Two moments matter:
+#   - inside a write to the HDF5 file, which a stop must never cut: signals_deferred holds both
+#     signals back until the write is done (CheckpointedHDF5StorageService writes inside it);
+#   - inside a run: the run must not be stored as finished. Ctrl-C already raises KeyboardInterrupt
+#     (brian2pet's runner raises it when Brian2 took Ctrl-C as a request to stop a subrun early), and
+#     an exception in a run keeps pypet from storing it. stop_cleanly_on_signals makes SIGTERM do the
+#     same, raising Terminated, so that `finally` clauses run (workers are stopped, files closed)
+#     instead of the process vanishing.
+# ---------------------------------------------------------------------------------------------------
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived inside stop_cleanly_on_signals. A BaseException, as KeyboardInterrupt is, so
+    that no ``except Exception`` of a model takes it for an error and carries on."""
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back inside the block; deliver them, once each, when it ends.
+
+    The handler that was in place before then runs as usual (raises KeyboardInterrupt, Terminated,
+    or ends the process for SIGTERM's default). Python runs signal handlers in the main thread only,
+    so in other threads the block changes nothing; nor for a signal whose handler was set outside
+    Python, which could not be put back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None:
+            previous[signum] = handler
+            signal.signal(signum, lambda number, frame: held.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("SIGTERM")
+
+
+def _not_a_stop(record):
+    """Logging filter: False for pypet's report of a run that a stop ended, which is no error."""
+    return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, Terminated)))
+
+
+@contextlib.contextmanager
+def stop_cleanly_on_signals():
+    """Inside the block SIGTERM raises Terminated in the main thread, as Ctrl-C raises
+    KeyboardInterrupt, and pypet does not log either as a failed run (it logs every exception of a
+    run with its traceback). Call it in the main thread, around ``env.run`` or ``env.resume``.
+
+    With CheckpointedHDF5StorageService, which holds both signals back while it writes: a stop never
+    cuts a write, and the run it interrupts is never stored as finished.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    pypet_logger = logging.getLogger("pypet")
+    pypet_logger.addFilter(_not_a_stop)
+    try:
+        yield
+    finally:
+        pypet_logger.removeFilter(_not_a_stop)
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6.2 Storage that a kill cannot ruin, at a cost that does not grow with the file
+#
+# HDF5 has no journal: a process killed inside a write can leave the file unreadable, and with it
+# every run stored before. Copying the whole file before every write would protect it, but the copy
+# grows with the file until a long exploration spends its time copying. Instead the file is copied
+# now and then, at checkpoints, and a marker file says when a write is under way:
+#
+#   FILE.checkpoint   a complete copy of FILE as it was between two writes
+#   FILE.writing      exists from the start to the end of a write: FILE may be half written
+#
+# After a kill, FILE is intact unless FILE.writing exists; then FILE goes back to the checkpoint, and
+# the runs stored after the checkpoint run again. prepare_resume does that, and brings pypet's resume
+# files in step with the file, before pypet's Environment.resume.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_of(filename):
+    return filename + ".checkpoint"
+
+
+def _marker_of(filename):
+    return filename + ".writing"
+
+
+def _copy_then_rename(source, target):
+    """Make ``target`` a copy of ``source`` (an empty file if ``source`` is None): under its final
+    name only once complete, and on disk (fsync), so that it is either the old one or the new one."""
+    partial = target + ".partial"
+    if source is None:
+        open(partial, "wb").close()
+    else:
+        shutil.copyfile(source, partial)
+    with open(partial, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, target)
+
+
+class FileDamaged(RuntimeError):
+    """An HDF5 file that cannot be repaired; the message is one line naming it and what to do."""
+
+
+class CheckpointedHDF5StorageService(HDF5StorageService):
+    """pypet's HDF5 storage service, under which a kill at any moment, also inside a write, loses no
+    finished run after a resume; at a cost per store that does not grow with the file.
+
+    Use it as pypet's: ``Environment(..., storage_service=CheckpointedHDF5StorageService)``. Made for
+    one writing process: the main process of an exploration (pypet's wrap_mode='LOCAL', SCOOP, or one
+    core). Before a kill's resume call prepare_resume (with pypet's resume files) or
+    restore_checkpoint (without).
+
+    Every store:
+      - holds Ctrl-C and SIGTERM back until it is done (signals_deferred);
+      - refuses to write to a file whose last write a kill cut short (repair it first);
+      - first copies the file to FILE.checkpoint if a checkpoint is due: at this service's first
+        store (so that going back never crosses an earlier exploration's end), if the checkpoint is
+        missing, and when copying has taken less than ``checkpoint_share`` of the time since the
+        last one, i.e. every (time of the last copy / checkpoint_share) seconds or less often;
+      - creates FILE.writing for the time of the write.
+    pypet's Environment calls ``finalize`` after its last store; the checkpoint is then removed.
+
+    What it costs:
+      - time: about ``checkpoint_share`` (5 %) of the time, whatever the size of the file, plus a
+        few file operations per store (the marker, the signal handlers);
+      - disk: one more copy of the file while the exploration runs;
+      - after a kill outside a write: nothing. After a kill inside a write: the runs stored since
+        the last checkpoint, which run again. At most (last copy time / checkpoint_share) seconds of
+        stored runs: e.g. a 1 GB file that copies in 1 s is copied at most every 20 s, so a kill
+        inside a write costs the runs stored in the last 20 s or less. A larger checkpoint_share
+        copies more often and loses less; set it on the class or on the instance
+        (``traj.v_storage_service.checkpoint_share = 0.2``).
+    It protects against the process being killed; a machine losing power may also lose what the
+    operating system had not yet written to disk.
+    """
+
+    checkpoint_share = 0.05
+
+    def store(self, msg, stuff_to_store, *args, **kwargs):
+        if getattr(self, "_in_store", False) or self.is_open:
+            # A store within a store (pypet stores a list item by item), or the file kept open from
+            # an earlier store: that store's marker still covers the file.
+            return super().store(msg, stuff_to_store, *args, **kwargs)
+        filename = os.path.abspath(kwargs.get("filename") or self.filename)
+        self._in_store = True
+        try:
+            with signals_deferred():
+                if os.path.exists(_marker_of(filename)):
+                    raise FileDamaged(
+                        f"{filename}: its last write was cut short (was its process killed?); "
+                        f"call brian2pet.prepare_resume or restore_checkpoint before writing to it"
+                    )
+                self._checkpoint_if_due(filename)
+                open(_marker_of(filename), "wb").close()
+                try:
+                    return super().store(msg, stuff_to_store, *args, **kwargs)
+                finally:
+                    # An error inside pypet's store leaves the HDF5 library's state whole; only a
+                    # killed process leaves the marker behind. A file kept open keeps it too.
+                    if not self.is_open:
+                        os.remove(_marker_of(filename))
+        finally:
+            self._in_store = False
+
+    def checkpoint(self):
+        """Copy the file to FILE.checkpoint now: e.g. right after the trajectory's parameters are
+        stored, so that a kill never takes the file back to before they were."""
+        if self.is_open:
+            raise RuntimeError(f"{self.filename} is open for writing; checkpoint between stores")
+        self._take_checkpoint(os.path.abspath(self.filename))
+
+    def _checkpoint_if_due(self, filename):
+        last = getattr(self, "_last_checkpoint", None)  # (file, when it ended, seconds it took)
+        if (last is not None and last[0] == filename and os.path.exists(_checkpoint_of(filename))
+                and time.monotonic() - last[1] < last[2] / self.checkpoint_share):
+            return
+        self._take_checkpoint(filename)
+
+    def _take_checkpoint(self, filename):
+        started = time.monotonic()
+        os.makedirs(os.path.dirname(filename), exist_ok=True)  # as pypet makes it for the file
+        # No file yet: an empty checkpoint stands for "no file" (an HDF5 file is never empty).
+        _copy_then_rename(filename if os.path.exists(filename) else None, _checkpoint_of(filename))
+        ended = time.monotonic()
+        self._last_checkpoint = (filename, ended, ended - started)
+
+    def finalize(self):
+        """Called by pypet's Environment after its last store: the file is complete, and its
+        checkpoint no longer needed. The next store takes a new one."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_checkpoint_of(os.path.abspath(self.filename)))
+        self._last_checkpoint = None
+
+    def __getstate__(self):
+        # pypet pickles the service with the trajectory for its resume files; a copy in another
+        # process starts without this process's checkpoint timing.
+        state = super().__getstate__()
+        state.pop("_last_checkpoint", None)
+        state.pop("_in_store", None)
+        return state
+
+
+def restore_checkpoint(filename):
+    """If a kill cut a write to ``filename`` short, put the file back as it was at its last
+    checkpoint (see CheckpointedHDF5StorageService) and return True; otherwise change nothing and
+    return False. Raises FileDamaged when there is no checkpoint to go back to."""
+    filename = os.path.abspath(filename)
+    if not os.path.exists(_marker_of(filename)):
+        return False
+    checkpoint = _checkpoint_of(filename)
+    if not os.path.exists(checkpoint):
+        raise FileDamaged(
+            f"{filename}: a write to it was cut short and there is no checkpoint "
+            f"({os.path.basename(checkpoint)}) to go back to; move it away and start again"
+        )
+    if os.path.getsize(checkpoint) == 0:  # there was no file at the checkpoint
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(filename)
+    else:
+        _copy_then_rename(checkpoint, filename)  # a copy: a kill now just means doing it again
+    os.remove(_marker_of(filename))
+    return True
+
+
+def remove_from_file(filename, paths):
+    """Remove the HDF5 groups or arrays ``paths`` (e.g. '/my_trajectory') from ``filename``, safe
+    against a kill as CheckpointedHDF5StorageService's stores are: a checkpoint first if there is
+    none, the marker during the removal, signals held back."""
+    import tables
+
+    filename = os.path.abspath(filename)
+    with signals_deferred():
+        if not os.path.exists(_checkpoint_of(filename)):
+            _copy_then_rename(filename, _checkpoint_of(filename))
+        open(_marker_of(filename), "wb").close()
+        with pickles_refused(), tables.open_file(filename, "a") as h5:
+            for path in paths:
+                if path in h5:
+                    h5.remove_node(path, recursive=True)
+        os.remove(_marker_of(filename))
+
+
+# pypet's resume files, as pypet 0.6.1 and 0.7.0 write them (the one place that reads them): in
+# RESUME_FOLDER/TRAJECTORY, 'environment.ecnt' (the trajectory and run function, written just before
+# the first run) and one '*.rcnt' per run pypet counts as finished, holding ((run index, what the
+# run function returned), run information), written right after the run was stored.
+
+
+class _Opaque:
+    """What a resume file's classes and functions become when it is read (see _PlainUnpickler)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads a pickle without running anything from it: every class or function it names becomes
+    _Opaque, so only its numbers, text and containers come out as they were."""
+
+    def find_class(self, module, name):
+        return _Opaque
+
+
+def _counted_runs(resume_folder, trajectory_name):
+    """{run index: its .rcnt file} for the runs pypet counts as finished."""
+    folder = os.path.join(resume_folder, trajectory_name)
+    counted = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.endswith(".rcnt"):  # pypet writes .ncnt, then renames: an .rcnt is complete
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                counted[int(_PlainUnpickler(handle).load()[1]["idx"])] = path
+    return counted
+
+
+def finished_runs(resume_folder, trajectory_name):
+    """Sorted indices of the runs that pypet's resume files count as finished (none if there are no
+    resume files): those a resume keeps."""
+    return sorted(_counted_runs(resume_folder, trajectory_name))
+
+
+def _groups_of_runs(h5, trajectory_name):
+    """{run name: HDF5 paths of its groups}: pypet stores what a run adds under groups named after
+    the run (results.runs.run_00000002, or wherever a name holds pypet's run wildcard '$')."""
+    found = {}
+    for branch in ("results", "derived_parameters"):
+        where = f"/{trajectory_name}/{branch}"
+        if where in h5:
+            for group in h5.walk_groups(where):
+                if group._v_name.startswith(pypetconstants.RUN_NAME):
+                    found.setdefault(group._v_name, []).append(group._v_pathname)
+    return found
+
+
+def prepare_resume(filename, resume_folder, trajectory_name):
+    """Make ``filename`` (written with CheckpointedHDF5StorageService) and pypet's resume files agree
+    after a stop or kill at any moment; call it before ``Environment.resume``.
+
+    - A write cut short: the file goes back to its checkpoint (restore_checkpoint).
+    - A run counted as finished whose results the file does not hold (stored after the checkpoint):
+      its resume file is removed, so that it runs again.
+    - A run the file holds but pypet did not count (killed between pypet's store and its count):
+      it is removed from the file, so that it runs again and is stored once.
+
+    Returns the number of runs left to do; or None when there is nothing to resume: no run was
+    counted as finished, or the file went back to before the trajectory was stored. Start the
+    exploration afresh then (remove its trajectory from the file with remove_from_file, and its
+    resume folder): no finished run is lost that a resume could have kept. Raises FileDamaged, in
+    one line, for a file that cannot be read and has no checkpoint to go back to.
+    """
+    import tables
+
+    filename = os.path.abspath(filename)
+    restore_checkpoint(filename)
+    counted = _counted_runs(resume_folder, trajectory_name)
+    if not counted:
+        return None
+    held, groups = False, {}
+    try:
+        if os.path.exists(filename):
+            with pickles_refused(), tables.open_file(filename, "r") as h5:
+                held = f"/{trajectory_name}" in h5
+                groups = _groups_of_runs(h5, trajectory_name) if held else {}
+    except Exception as error:
+        # No write to it was cut short (else restore_checkpoint put the checkpoint back):
+        # something else damaged it, the disk or another program.
+        raise FileDamaged(
+            f"{filename} is damaged beyond repair ({_hdf5_reason(error)}), and no write of this "
+            f"exploration was cut short; its {len(counted)} finished run(s) are lost with it: "
+            f"start the exploration again without resuming"
+        ) from None
+    if not held:
+        _log.warning(f"{filename} went back to before '{trajectory_name}' was stored: its "
+                     f"{len(counted)} finished run(s) run again")
+        return None
+    total = len(load_nodes(filename, trajectory_name, nodes=()))
+    run_name = pypetconstants.FORMATTED_RUN_NAME
+    stored = {idx for idx in range(total) if run_name % idx in groups}
+    for idx in set(counted) - stored:
+        os.remove(counted[idx])
+    uncounted = [path for idx in sorted(stored - set(counted))
+                 for path in groups[run_name % idx]]
+    if uncounted:
+        remove_from_file(filename, uncounted)
+    return total - len(stored & set(counted))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6.3 Forked workers that die with the sweep, and whose death fails only their own run
+#
+# With multiproc=True and use_pool=False pypet forks one worker per run, so nothing built before the
+# runs (pre_build, the pre-run) needs pickling. Two things go wrong with pypet's own way:
+#   - A forked process outlives its parent: a killed sweep leaves its workers running.
+#   - All workers hand their results to the main process through ONE multiprocessing Queue. A worker
+#     killed halfway through its message (the OOM killer picks the biggest process: a worker holding
+#     its results) leaves the Queue's shared write lock taken and half a message in its pipe; the
+#     other workers wait for the lock, the main process for the rest of the message, for ever.
+# ForkingEnvironment gives each worker a pipe of its own: a dead worker's pipe just ends (end of
+# file), its run fails, and the others go on.
+# ---------------------------------------------------------------------------------------------------
+
+# Set while a ForkingEnvironment runs; read in every forked child (see _in_forked_worker).
+_forking = {"armed": False, "parent": None}
+
+
+def _before_fork():
+    _forking["parent"] = os.getpid()
+
+
+def _in_forked_worker():
+    """Runs in every child forked while a ForkingEnvironment runs, before the child does anything."""
+    if not _forking["armed"]:
+        return
+    # A terminal sends Ctrl-C to every process of its group: the main process stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    prctl = _libc_function("prctl")
+    if prctl is not None:
+        pr_set_pdeathsig = 1  # Linux: the kernel sends this child SIGKILL when its parent dies
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != _forking["parent"]:
+            os._exit(1)  # the parent died before prctl took effect
+
+
+def _libc_function(name):
+    """A function of the C library through ctypes, or None where there is no such function."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+class _ResultPipe:
+    """One worker's way to hand its run's results to the main process. pypet's worker function calls
+    ``put`` once, then ``close``, as it would on its Queue."""
+
+    def __init__(self):
+        self.reader, self.writer = multiprocessing.Pipe(duplex=False)
+
+    def put(self, result):
+        self.writer.send(result)  # no feeder thread, no lock: this process writes it all, or dies
+
+    def close(self):
+        self.writer.close()
+
+
+class _ArrivedResults:
+    """A Queue's ``empty`` and ``get``, over the pipes of the running workers: what pypet's main loop
+    reads the results from."""
+
+    def __init__(self, environment):
+        self._environment = environment
+        self._arrived = []
+
+    def empty(self):
+        if not self._arrived:
+            self._arrived = self._environment._receive_results()
+        return not self._arrived
+
+    def get(self):
+        return self._arrived.pop(0)
+
+
+class ForkingEnvironment(Environment):
+    """pypet's Environment, for forking one worker per run (multiproc=True, use_pool=False; with
+    wrap_mode='LOCAL' the main process is the one writer of the file). Differences:
+
+      - Each worker hands its results over through a pipe of its own: a worker that dies, also
+        halfway through handing them over, fails only its own run; the others go on.
+      - Workers die with the main process, even with SIGKILL (Linux: prctl PR_SET_PDEATHSIG).
+        Elsewhere a warning says so: a worker then ends when it hands over its results to a main
+        process that is gone.
+      - Workers ignore Ctrl-C, which a terminal sends to all of them: the main process stops them.
+        When ``run`` or ``resume`` ends with an exception (Ctrl-C, Terminated, an error), the workers
+        it started that still run are stopped (SIGTERM, then SIGKILL after ``stop_timeout`` s).
+    In every other way, and in other modes (one process, a pool, SCOOP), it is pypet's Environment.
+
+    The one place in this module that reaches inside pypet (tested with pypet 0.6.1 and 0.7.0),
+    because pypet offers no public way to give its workers another result channel. It relies on:
+      - ``_make_iterator(start_run_idx, copy_data, **kwargs)`` yielding one task dict per run, with
+        the result queue under 'result_queue' when forking; pypet forks the worker right after
+        taking a task, and its worker function calls ``put`` then ``close`` on that queue;
+      - ``_get_results_from_queue(result_queue, results, n, total_runs)`` being called after every
+        fork, before the next, and reading with ``empty()`` and ``get()``;
+      - pypet's @prefix_naming ``__setattr__``, which a subclass must replace (below).
+    """
+
+    stop_timeout = 5.0
+    _pipes = ()  # of the workers whose results have not come yet
+
+    def __setattr__(self, name, value):
+        # pypet's Environment sets attributes through super(type(self), self), which in a subclass
+        # calls itself for ever. Its "v_" prefix is an alias of the plain name.
+        object.__setattr__(self, name[2:] if name.startswith("v_") else name, value)
+
+    def run(self, *args, **kwargs):
+        with self._workers_in_hand():
+            return super().run(*args, **kwargs)
+
+    def resume(self, *args, **kwargs):
+        with self._workers_in_hand():
+            return super().resume(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _workers_in_hand(self):
+        if not _forking.get("registered"):
+            os.register_at_fork(before=_before_fork, after_in_child=_in_forked_worker)
+            _forking["registered"] = True
+        if _libc_function("prctl") is None:
+            _warn_once("prctl", "brian2pet: this system has no prctl: forked workers cannot be made "
+                                "to die with the main process; if it is killed, each ends when it "
+                                "hands over its results")
+        before = set(multiprocessing.active_children())
+        _forking["armed"] = True
+        try:
+            yield
+        except BaseException:
+            self._stop_workers(set(multiprocessing.active_children()) - before)
+            raise
+        finally:
+            _forking["armed"] = False
+
+    def _stop_workers(self, workers):
+        for worker in workers:
+            worker.terminate()
+        deadline = time.monotonic() + self.stop_timeout
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+    def _make_iterator(self, start_run_idx, copy_data=False, **kwargs):
+        tasks = super()._make_iterator(start_run_idx, copy_data, **kwargs)
+        if "result_queue" not in kwargs:  # not forking: pypet's own way
+            return tasks
+        return self._tasks_with_own_pipes(tasks)
+
+    def _tasks_with_own_pipes(self, tasks):
+        for task in tasks:
+            pipe = _ResultPipe()
+            self._pipes += (pipe,)
+            yield dict(task, result_queue=pipe)
+
+    def _get_results_from_queue(self, result_queue, results, n, total_runs):
+        # pypet's Queue (result_queue) stays unused; pypet's own loop reads from the pipes instead.
+        return super()._get_results_from_queue(_ArrivedResults(self), results, n, total_runs)
+
+    def _receive_results(self):
+        """The results of every worker that handed them over since the last call."""
+        received = []
+        for pipe in self._pipes:
+            # The worker forked with this pipe holds the write end; this process must let go of its
+            # own copy (nor may the next worker inherit it), or the pipe would not end when the
+            # worker dies.
+            if not pipe.writer.closed:
+                pipe.writer.close()
+            if not pipe.reader.poll():
+                continue
+            try:
+                received.append(pipe.reader.recv())  # the whole message, or end of file
+            except (EOFError, OSError):
+                pass  # the worker died: its run stays incomplete
+            pipe.reader.close()
+            self._pipes = tuple(other for other in self._pipes if other is not pipe)
+        return received
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6.4 Files from elsewhere: loading one runs nothing from it
+#
+# pypet's generic loading (load_trajectory, f_load with data) rebuilds a PickleResult, a
+# PickleParameter and any item it stored through pandas by unpickling it, and PyTables unpickles
+# every node attribute that looks like a pickle as soon as it opens the node (pypet stores
+# annotations as attributes). pypet also imports the class a node names. So loading a file that way
+# runs whatever its author put in. load_nodes loads only the nodes asked for, in two steps:
+#   1. check_file walks exactly those nodes with PyTables and refuses the file, in one line naming
+#      the first bad node, if any holds a class other than SAFE_CLASSES, an item pypet would read
+#      through pandas or pickle, a link, or an attribute that is a pickle;
+#   2. pypet loads the nodes.
+# Both steps run inside pickles_refused, so that even a check that missed something could not run
+# code. The names pypet gives its node attributes (SRVC_LEAF, SRVC_INIT_CLASS_NAME, SRVC_STORE) are
+# pypet's file format, the same in pypet 0.6.1 and 0.7.0.
+# ---------------------------------------------------------------------------------------------------
+
+# pypet's containers of numbers and text, and brian2pet's: none of them unpickles when it loads.
+SAFE_CLASSES = (Parameter, Result, Brian2Parameter, Brian2Result, Brian2MonitorResult)
+# How pypet stored a container's items (attribute SRVC_STORE) when it reads them back as HDF5 arrays
+# and tables of numbers and text. Its other ways (pandas frames and series, nested and shared data)
+# go through pandas, whose object columns are pickles.
+_SAFE_STORAGE = ("ARRAY", "CARRAY", "EARRAY", "TABLE", "DICT")
+
+
+class FileRefused(ValueError):
+    """A file that cannot or must not be loaded; the message is one line naming the file and the
+    first thing wrong: missing, not HDF5, damaged, not holding the trajectory, or a node whose
+    content would unpickle or that is not one of SAFE_CLASSES."""
+
+
+# Whether the audit hook is installed, and, per thread, whether it refuses now: a program that reads
+# a file in one thread may unpickle its own data in another.
+_pickle_guard = {"installed": False}
+_refusing = threading.local()
+
+
+def _refuse_pickled_globals(event, args):
+    # Python announces (as the audit event pickle.find_class) every class or function a pickle names
+    # before the pickle may call it; without one, a pickle builds only numbers, text and containers.
+    if event == "pickle.find_class" and getattr(_refusing, "now", False):
+        raise FileRefused(f"refused to unpickle {args[0]}.{args[1]}")
+
+
+@contextlib.contextmanager
+def pickles_refused():
+    """Inside the block no pickle can name a class or function, so no pickle can run code.
+
+    PyTables then leaves a pickled attribute as its bytes, and pypet's pickle containers raise. The
+    audit hook stays installed (Python cannot remove one) but does nothing outside the block, nor in
+    other threads.
+    """
+    if not _pickle_guard["installed"]:
+        sys.addaudithook(_refuse_pickled_globals)
+        _pickle_guard["installed"] = True
+    previous = getattr(_refusing, "now", False)
+    _refusing.now = True
+    try:
+        yield
+    finally:
+        _refusing.now = previous
+
+
+def _hdf5_reason(error):
+    """The innermost message of HDF5's error stack, e.g. 'truncated file: eof = ...'."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "End of HDF5 error back trace" in lines:
+        return lines[lines.index("End of HDF5 error back trace") - 1]
+    return _first_line(error)
+
+
+def check_file(filename, trajectory_names, nodes=("parameters", "results")):
+    """Raise FileRefused unless ``filename`` holds at least one of ``trajectory_names`` (a name or a
+    list) and, for each it holds, its ``nodes`` (pypet names such as 'results.runs'; each with its
+    whole subtree) load without unpickling and with SAFE_CLASSES only. Runs nothing from the file.
+    Returns {trajectory name: the names of ``nodes`` it holds}.
+    """
+    import tables
+
+    if isinstance(trajectory_names, str):
+        trajectory_names = [trajectory_names]
+    if not os.path.isfile(filename):
+        raise FileRefused(f"{filename}: no such file")
+    try:
+        with pickles_refused():
+            if not tables.is_hdf5_file(filename):
+                raise FileRefused(f"{filename}: not an HDF5 file")
+            with tables.open_file(filename, "r") as h5:
+                held = [name for name in trajectory_names if f"/{name}/overview" in h5]
+                if not held:
+                    raise FileRefused(
+                        f"{filename}: holds no trajectory {' or '.join(map(repr, trajectory_names))}"
+                    )
+                return {name: _check_nodes(h5, filename, name, nodes) for name in held}
+    except (tables.HDF5ExtError, OSError) as error:
+        raise FileRefused(
+            f"{filename}: damaged, HDF5 cannot read it (cut short by a crash or an interrupted "
+            f"copy?): {_hdf5_reason(error)}"
+        ) from None
+
+
+def _check_nodes(h5, filename, trajectory_name, nodes):
+    trajectory = f"/{trajectory_name}"
+    # pypet also reads the file's root, the trajectory group, its direct subgroups and the overview
+    # tables (run information, explored parameters, storage settings).
+    walked = [h5.root, *h5.iter_nodes(trajectory), *h5.walk_nodes(f"{trajectory}/overview")]
+    present = []
+    for name in nodes:
+        path = f"{trajectory}/{name.replace('.', '/')}"
+        if path in h5:
+            present.append(name)
+            walked.extend(h5.walk_nodes(path))
+    for node in walked:
+        # An item of a container is reported by the container's name.
+        named = node._v_parent if "SRVC_LEAF" in node._v_parent._v_attrs else node
+        where = named._v_pathname[len(trajectory) + 1:].replace("/", ".") or named._v_pathname
+        problem = _unsafe_node(node)
+        if problem:
+            raise FileRefused(
+                f"{filename}: {trajectory_name}.{where}: {problem}; refused (it could run code)"
+            )
+    return present
+
+
+
+
+def _unsafe_node(node):
+    """What makes reading ``node`` unsafe, or None. Called inside pickles_refused."""
+    import tables
+
+    if isinstance(node, tables.link.Link):
+        return "a link, which pypet would follow elsewhere"
+    attributes = node._v_attrs
+    for name in attributes._f_list("all"):
+        # Read as PyTables reads it: a pickle that names a class or function is refused and stays
+        # bytes (which end with a pickle's STOP byte, '.'); one that names none comes out as a list,
+        # a dict, None, ... : something other than what PyTables stores natively.
+        value = getattr(attributes, name)
+        native = (np.generic, np.ndarray, str, bytes, int, float, tables.Filters)
+        if (isinstance(value, np.bytes_) and value.endswith(b".")) or not isinstance(value, native):
+            return f"attribute {name} holds a pickle"
+    if isinstance(node, tables.Group) and "SRVC_LEAF" in attributes:
+        class_name = str(attributes.SRVC_INIT_CLASS_NAME)
+        if class_name not in {cls.__name__ for cls in SAFE_CLASSES}:
+            return (f"stored as {class_name}, not one of the containers loaded here "
+                    f"({', '.join(cls.__name__ for cls in SAFE_CLASSES)})")
+    if isinstance(node, tables.Leaf) and not isinstance(node, (tables.Array, tables.Table)):
+        # e.g. a VLArray of Python objects, which PyTables unpickles when it reads them
+        return f"data stored as a PyTables {type(node).__name__}"
+    if "SRVC_LEAF" in node._v_parent._v_attrs:  # an item of a container
+        storage = str(getattr(attributes, "SRVC_STORE", "none"))
+        if storage not in _SAFE_STORAGE:
+            return (f"item {node._v_name} stored as {storage}, which pypet reads through pandas "
+                    f"or pickle")
+    return None
+
+
+def load_nodes(filename, trajectory_name, nodes=("parameters", "results")):
+    """Trajectory ``trajectory_name`` of a file from anywhere, with only ``nodes`` loaded (pypet
+    names, each with its whole subtree, e.g. ('parameters', 'results.runs')), and its run
+    information; nothing from the file is run. Checked first with check_file; loaded with
+    SAFE_CLASSES only, with every pickle refused.
+
+    Raises FileRefused, with a one-line message naming the file and the node, for a file that fails
+    the check or that pypet cannot read.
+    """
+    present = check_file(filename, [trajectory_name], nodes)[trajectory_name]
+    # pypet logs a failed load at length before raising; the error below says it in one line.
+    pypet_logger = logging.getLogger("pypet")
+    level = pypet_logger.level
+    pypet_logger.setLevel(logging.CRITICAL)
+    try:
+        with pickles_refused():
+            traj = Trajectory(trajectory_name, add_time=False, filename=filename,
+                              dynamic_imports=list(SAFE_CLASSES))
+            # Run information and explored names only; then the nodes, each with its subtree.
+            traj.f_load(name=trajectory_name, load_parameters=0, load_derived_parameters=0,
+                        load_results=0, load_other_data=0, force=True)
+            for name in present:
+                traj.f_load_child(name, recursive=True, load_data=2)
+    except FileRefused:
+        raise
+    except Exception as error:  # whatever pypet raises on a file it cannot read
+        raise FileRefused(
+            f"{filename}: damaged, pypet cannot read it: {_hdf5_reason(error)}"
+        ) from error
+    finally:
+        pypet_logger.setLevel(level)
+    return traj
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6.5 SCOOP's exit status
+#
+# Under SCOOP (python -m scoop script.py) the script's main runs in SCOOP's root worker, whose exit
+# status SCOOP 0.7.2 drops: the command exits 0 whatever happened, so a failed exploration looks
+# like a finished one to a batch system. run_command fixes that, and is `sys.exit(main())` anywhere
+# else.
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_command(main):
+    """Call ``main()`` and exit with its status (an int, or a SystemExit it raises), as
+    ``sys.exit(main())`` does, also in SCOOP's root worker."""
+    scoop = sys.modules.get("scoop")  # imported by SCOOP's bootstrap before the script
+    if not (scoop is not None and getattr(scoop, "IS_RUNNING", False)
+            and getattr(scoop, "IS_ORIGIN", False)):
+        sys.exit(main())
+    # SCOOP prints a SystemExit of its root worker as a traceback and drops its status.
+    try:
+        failed = main() not in (None, 0)
+    except SystemExit as stop:
+        failed = stop.code not in (None, 0)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        failed = True
+    if failed:
+        import atexit
+
+        atexit.register(_fail_scoop_command)
+
+
+def _fail_scoop_command():
+    """Make ``python -m scoop`` exit non-zero; runs in the failed root worker as it exits.
+
+    Reaches inside SCOOP 0.7.2 (the one place here that does): the command takes its exit status
+    from the process that started the root worker (``scoop.launch``), which exits 0 whatever the
+    root's status; only a launch process ended by a signal fails the command. So the root ends its
+    sibling workers, as the launch process would have, then the launch process, and then itself at
+    once: the launcher now closes SCOOP's brokers, and the root's remaining clean-up would wait for
+    them for ever. Workers on other hosts end when the launcher closes their ssh. Finding the launch
+    process and its children takes Linux's /proc; without it a warning says the command exits 0.
+    """
+    launch = os.getppid()
+    try:
+        with open(f"/proc/{launch}/cmdline", "rb") as handle:
+            if b"scoop.launch" not in handle.read():
+                return
+        with open(f"/proc/{launch}/task/{launch}/children") as handle:
+            siblings = [int(pid) for pid in handle.read().split() if int(pid) != os.getpid()]
+    except OSError:
+        print("brian2pet: no /proc here to find SCOOP's launcher: the command exits 0 although "
+              "the script failed", file=sys.stderr)
+        return
+    for pid in siblings:
+        os.kill(pid, signal.SIGTERM)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(launch, signal.SIGTERM)
+    os._exit(1)

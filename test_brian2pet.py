@@ -452,14 +452,23 @@ PUBLIC = [
 ]
 
 
+# Section 6, beyond the spec (and pypet.brian2).
+LONG_EXPLORATIONS = [
+    "Terminated", "signals_deferred", "stop_cleanly_on_signals", "CheckpointedHDF5StorageService",
+    "FileDamaged", "restore_checkpoint", "remove_from_file", "prepare_resume", "finished_runs",
+    "ForkingEnvironment", "SAFE_CLASSES", "FileRefused", "pickles_refused", "check_file",
+    "load_nodes", "run_command",
+]
+
+
 def test_all_lists_exactly_the_public_names():
-    assert sorted(brian2pet.__all__) == sorted(PUBLIC)
+    assert sorted(brian2pet.__all__) == sorted(PUBLIC + LONG_EXPLORATIONS)
     public = {
         name
         for name, value in vars(brian2pet).items()
         if not name.startswith("_") and getattr(value, "__module__", None) == "brian2pet"
     }
-    assert public == set(PUBLIC)
+    assert public == set(PUBLIC + LONG_EXPLORATIONS) - {"SAFE_CLASSES"}  # a tuple has no module
 
 
 def test_same_signatures_as_pypet_brian2():
@@ -2247,3 +2256,481 @@ def test_a_worker_killed_while_it_hands_over_its_results_fails_only_its_run(refe
     assert f"run {lost} (R_ee = {R_TINY[lost]}) did not complete" in stderr
     assert f"run 3/{len(R_TINY)} started" in stdout
     assert_resumes_to_reference(tmp_path, "2", reference_numbers, {cn.TRAJECTORY_NAME: stored})
+
+
+# --------------------------------------------------------------------------------------------------
+# Long explorations: brian2pet's section 6, beyond the spec, tested on a small exploration of its
+# own (EXPLORE, 20 neurons, four runs), so that nothing here depends on the example
+# --------------------------------------------------------------------------------------------------
+
+EXPLORE = '''
+"""A small exploration built on brian2pet's section 6, for the tests: four runs of 20 neurons whose
+explored coupling is built in every run; --ncores 2 forks a worker per run. Prints a line when a run
+starts. --resume continues it after a stop or kill; --rare-checkpoints: one checkpoint, right after
+the parameters are stored, and none during the runs."""
+import argparse
+import os
+import shutil
+
+import brian2
+import numpy as np
+from brian2 import NeuronGroup, SpikeMonitor, StateMonitor, Synapses, ms
+
+import brian2pet as b
+
+brian2.prefs.codegen.target = "numpy"
+W = [0.0, 0.05, 0.1, 0.2]
+
+
+class Group(b.NetworkComponent):
+    def add_parameters(self, traj):
+        traj.f_add_parameter(b.Brian2Parameter, "model.w", 0.0)
+
+    def build(self, traj, brian_list, network_dict):
+        brian2.seed(100 + traj.v_idx)
+        group = NeuronGroup(20, "dv/dt = (1.1 - v) / (10*ms) : 1", threshold="v > 1",
+                            reset="v = 0", method="exact", name="group")
+        group.v = "rand()"
+        coupling = Synapses(group, group, on_pre="v_post += w", namespace={"w": traj.w})
+        coupling.connect(p=0.3)
+        brian_list.extend([group, coupling])
+        network_dict["group"] = group
+
+
+class Recorder(b.NetworkAnalyser):
+    """Spikes and the voltage of every neuron: a few hundred kB per run, more than a pipe holds."""
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        print(f"run {traj.v_idx} started", flush=True)
+        self.monitors = [SpikeMonitor(network_dict["group"], name="spikes"),
+                         StateMonitor(network_dict["group"], "v", record=True, name="v")]
+        network.add(*self.monitors)
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        for monitor in self.monitors:
+            traj.f_add_result(b.Brian2MonitorResult, monitor.name, monitor)
+
+
+class Runner(b.NetworkRunner):
+    def add_parameters(self, traj):
+        traj.f_add_parameter(b.Brian2Parameter, "simulation.durations.measure",
+                             200 * ms).v_annotations.order = 0
+
+
+def main(out, ncores, resume, rare_checkpoints):
+    filename, resume_folder = os.path.join(out, "explore.hdf5"), os.path.join(out, "resume")
+    if rare_checkpoints:
+        b.CheckpointedHDF5StorageService.checkpoint_share = 1e-12
+    processes = {}
+    if ncores > 1:
+        processes = dict(multiproc=True, ncores=ncores, use_pool=False, wrap_mode="LOCAL")
+    options = dict(filename=filename, storage_service=b.CheckpointedHDF5StorageService,
+                   dynamic_imports=[b.Brian2Parameter, b.Brian2MonitorResult], log_config=None,
+                   report_progress=False, resumable=True, resume_folder=resume_folder,
+                   delete_resume=False, **processes)
+    if resume:
+        left = b.prepare_resume(filename, resume_folder, "explore")
+        print(f"runs left: {left}", flush=True)
+        if left == 0:  # pypet's resume with several processes fails when no run is left
+            options = {key: value for key, value in options.items() if key not in processes}
+        if left is not None:
+            env = b.ForkingEnvironment(trajectory="explore", **options)
+            env.resume(trajectory_name="explore", resume_folder=resume_folder)
+            return
+        if os.path.exists(filename):
+            b.remove_from_file(filename, ["/explore"])
+        shutil.rmtree(resume_folder, ignore_errors=True)
+    env = b.ForkingEnvironment(trajectory="explore", **options)
+    traj = env.trajectory
+    manager = b.NetworkManager(Runner(report=None), [Group()], [Recorder()])
+    manager.add_parameters(traj)
+    traj.f_explore({"w": W})
+    traj.f_store()
+    if rare_checkpoints:
+        traj.v_storage_service.checkpoint()
+    env.run(manager.run_network)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--ncores", type=int, default=1)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--rare-checkpoints", action="store_true")
+    args = parser.parse_args()
+    with b.stop_cleanly_on_signals():
+        main(args.out, args.ncores, args.resume, args.rare_checkpoints)
+'''
+EXPLORE_RUNS = 4
+
+
+def explore_script(folder):
+    """EXPLORE written to ``folder``; it imports brian2pet from this project."""
+    path = folder / "explore.py"
+    if not path.exists():
+        path.write_text(EXPLORE)
+    return [sys.executable, str(path)]
+
+
+def explore_env():
+    return dict(os.environ, PYTHONPATH=HERE)
+
+
+def explore(folder, out, *flags, timeout=120):
+    """Run EXPLORE to its end; the completed process."""
+    return subprocess.run([*explore_script(folder), str(out), *flags], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE, env=explore_env())
+
+
+def start_explore(folder, out, *flags):
+    return subprocess.Popen([*explore_script(folder), str(out), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE, env=explore_env(),
+                            start_new_session=True)
+
+
+def explored_numbers(out):
+    """{run index: (spike times, spike indices, voltages)} of the runs stored in EXPLORE's file,
+    loaded with brian2pet.load_nodes; also checks that pypet counts every stored run complete."""
+    traj = brian2pet.load_nodes(str(out / "explore.hdf5"), "explore", ("results.runs",))
+    numbers = {}
+    for idx, name in enumerate(traj.f_get_run_names()):
+        if traj.f_contains(f"results.runs.{name}.spikes", shortcuts=False):
+            run = traj.f_get(f"results.runs.{name}", shortcuts=False)
+            numbers[idx] = (np.asarray(run.spikes.t), np.asarray(run.spikes.i), np.asarray(run.v.v))
+    return numbers
+
+
+def assert_same_runs(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for idx, arrays in expected.items():
+        for mine, theirs in zip(actual[idx], arrays):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"run {idx}")
+
+
+@pytest.fixture(scope="session")
+def explore_reference(tmp_path_factory):
+    """EXPLORE run once in one process, uninterrupted: its numbers."""
+    folder = tmp_path_factory.mktemp("explore")
+    done = explore(folder, folder / "out")
+    assert done.returncode == 0, done.stderr
+    numbers = explored_numbers(folder / "out")
+    assert sorted(numbers) == list(range(EXPLORE_RUNS))
+    return numbers
+
+
+def resume_explore(folder, out, ncores, reference):
+    """--resume must finish EXPLORE with the uninterrupted numbers, every run once and complete,
+    nothing left of checkpoints or write markers; returns its stdout."""
+    done = explore(folder, out, "--resume", "--ncores", ncores)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_runs(explored_numbers(out), reference)
+    traj = brian2pet.load_nodes(str(out / "explore.hdf5"), "explore", ())
+    assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
+    for leftover in (".writing", ".checkpoint"):
+        assert not (out / ("explore.hdf5" + leftover)).exists()
+    return done.stdout
+
+
+# Storage: checkpoints, and what a kill inside a write costs
+
+
+class SignalledWhileStored(Result):
+    """A result that sends this process a real signal while pypet stores it."""
+
+    signum = None
+
+    def _store(self):
+        os.kill(os.getpid(), type(self).signum)
+        return super()._store()
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt),
+                                          (signal.SIGTERM, brian2pet.Terminated)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_a_store_is_delivered_after_it(tmp_path, signum, stop):
+    filename = tmp_path / "s.hdf5"
+    traj = Trajectory("s", filename=str(filename), add_time=False,
+                      storage_service=brian2pet.CheckpointedHDF5StorageService)
+    traj.f_add_parameter("x", 1)
+    traj.f_store()
+    SignalledWhileStored.signum = signum
+    result = traj.f_add_result(SignalledWhileStored, "signalled", numbers=np.arange(3))
+    with brian2pet.stop_cleanly_on_signals(), pytest.raises(stop):
+        traj.f_store_item(result)
+    # The store was not cut: the result is whole in the file, and no write is marked under way.
+    assert not (tmp_path / "s.hdf5.writing").exists()
+    with tables.open_file(str(filename)) as h5:
+        np.testing.assert_array_equal(h5.root.s.results.signalled.numbers.read(), np.arange(3))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # both handlers are back
+
+
+@pytest.mark.parametrize("share, every_store", [(1e9, True), (1e-9, False)])
+def test_checkpoints_are_spaced_by_the_share_of_time_copying_may_take(tmp_path, share,
+                                                                        every_store):
+    # A checkpoint is the file before a store, and every store makes the file larger: the size of
+    # FILE.checkpoint tells which store it was taken before.
+    filename = tmp_path / "c.hdf5"
+    traj = Trajectory("c", filename=str(filename), add_time=False,
+                      storage_service=brian2pet.CheckpointedHDF5StorageService)
+    traj.v_storage_service.checkpoint_share = share
+    traj.f_add_parameter("x", 1)
+    traj.f_store()  # the service's first store always takes one
+    checkpoint = tmp_path / "c.hdf5.checkpoint"
+    assert checkpoint.stat().st_size == 0  # taken before the first store: "there was no file"
+    sizes = []
+    for k in range(4):
+        traj.f_store_item(traj.f_add_result(f"r{k}", np.arange(10)))
+        sizes.append(checkpoint.stat().st_size)
+    if every_store:
+        assert 0 < sizes[0] < sizes[1] < sizes[2] < sizes[3]
+    else:
+        assert sizes == [0, 0, 0, 0]
+    traj.v_storage_service.finalize()  # what pypet's Environment calls after its last store
+    assert not checkpoint.exists()
+
+
+def test_a_write_cut_short_is_refused_until_the_checkpoint_is_back(tmp_path):
+    filename = tmp_path / "c.hdf5"
+    traj = Trajectory("c", filename=str(filename), add_time=False,
+                      storage_service=brian2pet.CheckpointedHDF5StorageService)
+    traj.f_add_parameter("x", 1)
+    traj.f_store()
+    traj.v_storage_service.checkpoint()
+    traj.f_store_item(traj.f_add_result("kept_after_checkpoint", 1))
+    # As a killed store leaves them: the marker, and a file the store had begun to write.
+    (tmp_path / "c.hdf5.writing").write_bytes(b"")
+    with pytest.raises(brian2pet.FileDamaged, match="last write was cut short"):
+        traj.f_store_item(traj.f_add_result("refused", 2))
+    assert brian2pet.restore_checkpoint(str(filename)) is True
+    assert brian2pet.restore_checkpoint(str(filename)) is False  # nothing left to put back
+    with tables.open_file(str(filename)) as h5:
+        assert "/c/parameters/x" in h5 and "/c/results/kept_after_checkpoint" not in h5
+
+
+def kill_explore_at_write(folder, out, ncores, when, flags=()):
+    """EXPLORE under strace, SIGKILLed when it makes its `when`-th pwrite64 (HDF5's writes)."""
+    command = [STRACE, "-f", "-qq", "-o", os.devnull, "-e", "trace=pwrite64",
+               "-e", f"inject=pwrite64:signal=KILL:when={when}",
+               *explore_script(folder), str(out), "--ncores", ncores, *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=HERE, env=explore_env(), start_new_session=True)
+    _, stderr = ended(process, 120)
+    assert_group_ends(process.pid)  # strace leads the session: no worker outlives the kill
+    assert process.returncode in (137, -9), f"not killed at write {when}: {stderr[-2000:]}"
+
+
+def count_writes(folder, out, ncores, flags=()):
+    trace = out.parent / f"{out.name}.trace"
+    done = subprocess.run([STRACE, "-f", "-qq", "-o", str(trace), "-e", "trace=pwrite64",
+                           *explore_script(folder), str(out), "--ncores", ncores, *flags],
+                          capture_output=True, text=True, timeout=120, cwd=HERE, env=explore_env())
+    assert done.returncode == 0, done.stderr
+    return sum("pwrite64(" in line for line in trace.read_text().splitlines())
+
+
+@needs_strace
+@pytest.mark.parametrize("ncores, flags, kills", [
+    ("1", (), 5), ("1", ("--rare-checkpoints",), 3), ("2", (), 3),
+], ids=["1-core", "1-core-rare-checkpoints", "2-cores"])
+def test_sigkill_at_any_write_loses_no_finished_run_after_a_resume(explore_reference, tmp_path,
+                                                                   ncores, flags, kills):
+    # Kills spread from the first write of the parameters to the last of the final stores. With
+    # rare checkpoints (one, after the parameters) a kill inside a run's store takes the file back
+    # to before every run: the resume runs again those that had been counted as finished.
+    writes = count_writes(tmp_path, tmp_path / "counted", ncores, flags)
+    assert writes > 100
+    # The count varies by a few writes from one run to the next: the last point keeps a margin.
+    points = sorted({int(round(x)) for x in np.linspace(2, writes - 15, kills)})
+
+    def trial(when):
+        out = tmp_path / f"kill_{when}"
+        kill_explore_at_write(tmp_path, out, ncores, when, flags)
+        counted = brian2pet.finished_runs(str(out / "resume"), "explore")
+        said = resume_explore(tmp_path, out, ncores, explore_reference)
+        if flags and counted and f"runs left: {EXPLORE_RUNS}" in said:
+            redone.append(when)  # counted runs went back with the file, and ran again
+        shutil.rmtree(out)
+
+    redone = []
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(trial, when) for when in points]:
+            future.result()
+    if flags:
+        assert redone, "no kill fell inside a run's store after a counted run"
+
+
+# Stopping: Ctrl-C and SIGTERM
+
+
+class SignalInRun(NetworkComponent):
+    """In the run with index ``run``, sends this process a real ``signum`` at 5 ms, the first time."""
+
+    sent = False
+
+    def __init__(self, signum, run):
+        self.signum, self.run = signum, run
+
+    def build(self, traj, brian_list, network_dict):
+        def act(t):
+            if traj.v_idx == self.run and not SignalInRun.sent and abs(t - 5 * ms) < 0.05 * ms:
+                SignalInRun.sent = True
+                os.kill(os.getpid(), self.signum)
+
+        brian_list.append(brian2.NetworkOperation(act, dt=0.1 * ms))
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt),
+                                          (signal.SIGTERM, brian2pet.Terminated)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_run_a_signal_stops_is_never_stored_as_finished_and_resumes(tmp_path, signum, stop):
+    # The small exploration of the manager's tests, in this process, stopped in its second run.
+    filename, resume_folder = str(tmp_path / "stop.hdf5"), str(tmp_path / "resume")
+    options = dict(filename=filename, storage_service=brian2pet.CheckpointedHDF5StorageService,
+                   log_config=None, log_stdout=False, report_progress=False, resumable=True,
+                   resume_folder=resume_folder, delete_resume=False,
+                   dynamic_imports=[Brian2Parameter, Brian2MonitorResult])
+    env = brian2pet.ForkingEnvironment(trajectory="exp", **options)
+    traj = env.trajectory
+    traj.f_add_parameter("mode", "none")
+    SignalInRun.sent = False
+    manager = NetworkManager(TwoPhaseRunner(report=None), [DrivenGroup(), SignalInRun(signum, 1)],
+                             [SpikeRecorder()])
+    manager.add_parameters(traj)
+    traj.f_explore({"w": W_VALUES})
+    brian2.seed(7)
+    traj.f_store()
+    with brian2pet.stop_cleanly_on_signals(), pytest.raises(stop):
+        env.run(manager.run_network)
+    assert brian2pet.finished_runs(resume_folder, "exp") == [0]
+    with tables.open_file(filename) as h5:
+        assert [g._v_name for g in h5.iter_nodes("/exp/results/runs")] == ["run_00000000"]
+
+    assert brian2pet.prepare_resume(filename, resume_folder, "exp") == 2
+    env = brian2pet.ForkingEnvironment(trajectory="exp", **options)
+    with brian2pet.stop_cleanly_on_signals():
+        env.resume(trajectory_name="exp", resume_folder=resume_folder)
+    back = brian2pet.load_nodes(filename, "exp", ("results.runs",))
+    uninterrupted, _ = run_experiment(tmp_path, "none", multiproc=False)
+    for (t1, i1), (t2, i2) in zip(spikes_per_run(back), spikes_per_run(uninterrupted), strict=True):
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_array_equal(i1, i2)
+
+
+# Forked workers
+
+
+def test_forked_workers_die_with_the_main_process(tmp_path):
+    process = start_explore(tmp_path, tmp_path / "out", "--ncores", "2")
+    try:
+        wait_for_line(process, "run 1 started")
+        workers = workers_of(process.pid)
+        assert workers
+        os.kill(process.pid, signal.SIGKILL)  # the main process alone, as the OOM killer would
+        process.wait()
+        import time
+
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+            assert time.monotonic() < deadline, "a worker outlived the main process by 10 s"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def test_a_killed_worker_fails_only_its_run_and_a_resume_completes(explore_reference, tmp_path):
+    out = tmp_path / "out"
+    process = start_explore(tmp_path, out, "--ncores", "2")
+    wait_for_line(process, "run 1 started")
+    os.kill(max(workers_of(process.pid)), signal.SIGKILL)  # the worker forked last: run 1's
+    stdout, stderr = ended(process, 120)
+    assert process.returncode == 0, stderr  # pypet logs a failed run and goes on
+    assert "run 3 started" in stdout  # the exploration went on after the dead worker
+    assert_group_ends(process.pid)
+    assert sorted(explored_numbers(out)) == [0, 2, 3]
+    assert brian2pet.finished_runs(str(out / "resume"), "explore") == [0, 2, 3]
+    resume_explore(tmp_path, out, "2", explore_reference)
+
+
+def test_a_worker_killed_while_it_hands_over_its_results_fails_only_its_run(explore_reference,
+                                                                            tmp_path):
+    # The worst moment to lose a worker: halfway through the message that carries its results to
+    # the main process. Stopping the main process (SIGSTOP) leaves the workers' results unread, so
+    # a worker that finishes its run blocks inside that message; then it is killed, and the main
+    # process continues. The main process must not wait for the rest of the message, nor may the
+    # other worker wait for a lock the dead one held: the exploration goes on, one run fails.
+    import time
+
+    out = tmp_path / "out"
+    process = start_explore(tmp_path, out, "--ncores", "2")
+    wait_for_line(process, "run 1 started")
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        victim, deadline = None, time.monotonic() + 120
+        while victim is None:  # each worker ends its run and blocks in its hand-over
+            workers = workers_of(process.pid)
+            assert workers, "every worker ended without blocking: results fit into a pipe"
+            assert time.monotonic() < deadline, (
+                "no worker was seen blocked in its hand-over (does /proc/PID/task/TID/wchan name "
+                "kernel functions here?)")
+            victim = next((pid for pid in workers if blocked_in_handing_over(pid)), None)
+            time.sleep(0.01)  # the poll's interval: leave the cores to the workers
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    stdout, stderr = ended(process, 120)
+    assert process.returncode == 0, stderr
+    assert_group_ends(process.pid)
+    stored = sorted(explored_numbers(out))
+    (lost,) = set(range(EXPLORE_RUNS)) - set(stored)  # exactly one run failed: the killed one's
+    assert lost in (0, 1) and "run 3 started" in stdout
+    resume_explore(tmp_path, out, "2", explore_reference)
+
+
+# Files from elsewhere
+
+
+def small_trajectory_file(tmp_path, add=None, marker=None):
+    """A small trajectory of brian2pet's and pypet's containers; ``add(traj, marker)`` adds a
+    payload that pypet itself stores."""
+    filename = tmp_path / "small.hdf5"
+    traj = Trajectory("small", filename=str(filename), add_time=False)
+    traj.f_add_parameter(Brian2Parameter, "model.tau", 10 * ms)
+    traj.f_add_parameter("model.n", 20)
+    traj.f_explore({"tau": [5 * ms, 10 * ms]})
+    traj.f_add_result(Brian2Result, "results.runs.run_00000001.statistics.rates", e=3 * Hz)
+    traj.f_add_result("results.runs.run_00000001.statistics.count", 7)
+    if add is not None:
+        add(traj, marker)
+    traj.f_store()
+    return str(filename)
+
+
+def test_load_nodes_loads_numbers_text_and_brian2_containers(tmp_path):
+    filename = small_trajectory_file(tmp_path)
+    traj = brian2pet.load_nodes(filename, "small", ("parameters", "results.runs"))
+    assert traj.f_get("model.tau").f_get_range() == [5 * ms, 10 * ms]
+    assert traj.f_get("results.runs.run_00000001.statistics.rates").e == 3 * Hz
+    assert traj.f_get("results.runs.run_00000001.statistics.count").f_get() == 7
+    assert len(traj) == 2
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_load_nodes_refuses_pickled_content_in_one_line_and_runs_nothing(tmp_path, case):
+    add, node = CRAFTED[case]
+    marker = tmp_path / "payload-ran"
+    filename = small_trajectory_file(tmp_path, add, marker)
+    assert not marker.exists()  # storing pickles; nothing ran yet
+    with pytest.raises(brian2pet.FileRefused) as refused:
+        brian2pet.load_nodes(filename, "small", ("parameters", "results"))
+    message = str(refused.value)
+    assert message.count("\n") == 0 and f"{filename}: small.{node}:" in message
+    assert "refused" in message and not marker.exists()
+    # The payload is live: pypet's generic loading runs it (here, it creates the marker).
+    load_trajectory("small", filename=filename, load_data=2,
+                    dynamic_imports=SWEEP_CLASSES + [PickleParameter])
+    assert marker.exists()
+
