@@ -34,28 +34,22 @@ run is the same for every target.
 The file reads top to bottom as the brian2pet documentation's main script does (spec 7.3):
 parameters and model helpers; components (neurons, connections, stimulus); runners; analysers
 (activity guard, monitors, Fano factor, correlations, quenching); one main function per experiment;
-then the operational parts: reading stored experiments back, figures, the command line with files,
-locking and resume, and ``main()``.
+then reading stored experiments back, tables, figures, and the command line with its output folder,
+lock and resume. What any long exploration needs (storage that a kill cannot ruin, clean stops,
+forked workers, loading files safely) comes from brian2pet's section 6.
 """
 
 import argparse
-import atexit
 import contextlib
 import ctypes
-import fcntl
 import gc
 import json
-import logging
-import multiprocessing
 import os
 import shlex
 import shutil
-import signal
 import socket
 import sys
-import threading
 import time
-import traceback
 
 import numpy as np
 from brian2 import (
@@ -74,17 +68,29 @@ from brian2 import (
     second,
 )
 from brian2 import seed as brian2_seed
-from pypet import Environment
-from pypet.storageservice import HDF5StorageService
 
 from brian2pet import (
     Brian2MonitorResult,
     Brian2Parameter,
     Brian2Result,
+    CheckpointedHDF5StorageService,
+    FileDamaged,
+    FileRefused,
+    ForkingEnvironment,
     NetworkAnalyser,
     NetworkComponent,
     NetworkManager,
     NetworkRunner,
+    Terminated,
+    check_file,
+    finished_runs,
+    load_nodes,
+    pickles_refused,
+    prepare_resume,
+    remove_from_file,
+    restore_checkpoint,
+    run_command,
+    stop_cleanly_on_signals,
 )
 
 TRAJECTORY_NAME = "clustered_network"  # experiment 1, the sweep over R_ee
@@ -488,7 +494,7 @@ class CNNetworkRunner(NetworkRunner):
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
         if not is_pre_run(current_subrun) and "wall_start" not in network_dict:
             network_dict["wall_start"] = time.time()
-            print(f"run {traj.v_idx + 1}/{len(traj)} started: {explored_text(traj)}", flush=True)
+            say(f"run {traj.v_idx + 1}/{len(traj)} started: {explored_text(traj)}")
 
 
 class CNStimulusRunner(CNNetworkRunner):
@@ -507,6 +513,12 @@ class CNStimulusRunner(CNNetworkRunner):
                    "Recorded without stimulus")
         add_subrun(traj, "simulation.durations.stimulus", self.period, 1,
                    "Recorded with the stimulus switched on")
+
+
+def say(line):
+    """Print ``line`` in one write: the lines of workers that print at the same moment stay whole."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def is_pre_run(subrun):
@@ -578,8 +590,7 @@ class CNActivityGuard(NetworkAnalyser):
             max_rate_e=max_rate_e, cancelled=cancelled, reason=reason,
             comment="Why the remaining subruns of this run were cancelled",
         )
-        print(f"run {traj.v_idx + 1}/{len(traj)} cancelled: {explored_text(traj)}; {reason}",
-              flush=True)
+        say(f"run {traj.v_idx + 1}/{len(traj)} cancelled: {explored_text(traj)}; {reason}")
 
 
 class CNMonitorAnalysis(NetworkAnalyser):
@@ -725,7 +736,6 @@ class CNFanoFactorComputer(NetworkAnalyser):
     """
 
     def add_parameters(self, traj):
-        # A Brian2Parameter holds one scalar quantity, so the list is a tuple of plain seconds.
         traj.f_add_parameter(
             "analysis.fano_windows", tuple(w / 1000.0 for w in FANO_WINDOWS_MS),
             comment="Counting windows for the Fano factor, in seconds",
@@ -758,8 +768,8 @@ class CNFanoFactorComputer(NetworkAnalyser):
 
 def print_done(traj, network_dict, text):
     wall = time.time() - network_dict.get("wall_start", time.time())
-    print(f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s on {socket.gethostname()}: "
-          f"{explored_text(traj)}; {text}", flush=True)
+    say(f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s on {socket.gethostname()}: "
+        f"{explored_text(traj)}; {text}")
 
 
 def count_correlations(spike_t, spike_i, labels, t_start, t_stop, window, n_sample=2000, seed=0):
@@ -896,9 +906,11 @@ class CNQuenchingAnalyser(CNFanoFactorComputer):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The experiments: one main function each, following the spec's main script (7.3). Both store their
-# trajectory in the same HDF5 file. Operational helpers (environment, files, resume) come later.
+# The experiments: one main function each, following the spec's main script (7.3) step by step. Both
+# store their trajectory in the same HDF5 file, through brian2pet's storage that a kill at any moment
+# cannot ruin; with several cores each run is a forked worker (brian2pet.ForkingEnvironment).
 # ---------------------------------------------------------------------------------------------------
+
 
 class CNNetworkManager(NetworkManager):
     """brian2pet's manager, whose failing run raises an error naming the run and its explored values.
@@ -936,27 +948,73 @@ def add_simulation_parameters(traj, args):
     traj.f_add_parameter(Brian2Parameter, "simulation.dt", 0.1 * ms, comment="Euler time step")
 
 
-def build_manager(args):
-    """The sweep's network manager with its components, in build order (spec 7.3)."""
-    return CNNetworkManager(
+def resolve_target(target):
+    """'auto' becomes cython if Brian2 can compile (a one-off test, cached), numpy otherwise."""
+    if target != "auto":
+        return target
+    from brian2.codegen.runtime.cython_rt import CythonCodeObject
+
+    if CythonCodeObject.is_available():
+        return "cython"
+    print("cython is not usable here (no C compiler?): simulating with numpy", flush=True)
+    return "numpy"
+
+
+def _have_dill():
+    try:
+        import dill  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def environment_options(args, filename, resume_folder):
+    """pypet's Environment settings that both experiments share (and a resumed one takes again)."""
+    if args.scoop:
+        # Workers on other hosts get the run function pickled; each sends its results back (LOCAL).
+        processes = dict(multiproc=True, use_scoop=True, wrap_mode="LOCAL")
+    elif args.ncores > 1:
+        # Fork a worker per run (no pool), so the pre-built network needs no pickling. The workers
+        # send their results to this process, the one writer of the file: LOCAL rather than QUEUE,
+        # because pypet resumes only LOCK, NETLOCK and LOCAL explorations.
+        processes = dict(multiproc=True, ncores=args.ncores, use_pool=False, wrap_mode="LOCAL")
+    else:
+        processes = {}
+    return dict(
+        filename=filename,
+        storage_service=CheckpointedHDF5StorageService,  # a kill at any moment loses nothing
+        dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
+        log_config=None,
+        complevel=1,  # pypet's default, zlib at level 9, costs a second per sweep for 2 % less file
+        report_progress=False,
+        resumable=_have_dill(),  # pypet writes its resume files with dill
+        resume_folder=resume_folder,
+        # pypet would delete its resume files before its final stores, so that a kill in those would
+        # leave nothing to resume; experiment_done deletes them after the last store.
+        delete_resume=False,
+        **processes,
+    )
+
+
+def run_sweep(args, filename, resume_folder):
+    """Experiment 1, the R_ee sweep. Each R_ee needs its own connections, so only the neurons are
+    pre-built. Returns the trajectory once every run ended."""
+    env = ForkingEnvironment(
+        trajectory=TRAJECTORY_NAME,
+        comment="Litwin-Kumar & Doiron (2012) clustered network explored over R_ee",
+        **environment_options(args, filename, resume_folder),
+    )
+    traj = env.trajectory
+    add_simulation_parameters(traj, args)
+
+    # The runner, the components and the analysers, in build order, handed to the manager.
+    manager = CNNetworkManager(
         network_runner=CNNetworkRunner(args.initial * second, args.measure * second),
         component_list=[CNNeuronGroup(), CNConnections(fail_run=args.fail_run)],
         analyser_list=[
             CNActivityGuard(), CNMonitorAnalysis(), CNFanoFactorComputer(), CNCorrelationComputer(),
         ],
     )
-
-
-def run_sweep(args, filename, resume_folder):
-    """Experiment 1, the R_ee sweep: environment, trajectory, manager, parameters, exploration,
-    pre-build, run. Each R_ee needs its own connections, so only the neurons are pre-built."""
-    start_afresh(filename, resume_folder, TRAJECTORY_NAME, args.resume)
-    env = make_environment(args, filename, resume_folder, TRAJECTORY_NAME,
-                           "Litwin-Kumar & Doiron (2012) clustered network explored over R_ee")
-    traj = env.trajectory
-    add_simulation_parameters(traj, args)
-
-    manager = build_manager(args)
     manager.add_parameters(traj)
     traj.f_get("analysis.max_rate_e").f_set(args.max_rate * Hz)
     traj.f_explore({"R_ee": [float(r) for r in args.r_ee]})
@@ -968,14 +1026,24 @@ def run_sweep(args, filename, resume_folder):
         manager.pre_build(traj)
 
     traj.f_store()
-    run_until_stopped(env, lambda: env.run(manager.run_network))
-    experiment_done(env, resume_folder, TRAJECTORY_NAME)
+    env.run(manager.run_network)
+    env.disable_logging()
+    return traj
 
 
-def build_stimulus_manager(args):
-    """The stimulus experiment's manager: the sweep's neurons and connections plus CNStimulus, its
-    own runner (pre-run, spontaneous, stimulus), and the analysers it needs."""
-    return CNNetworkManager(
+def run_stimulus_experiment(args, filename, resume_folder):
+    """Experiment 2, stimulus-induced quenching of variability: ONE clustered network, built and
+    pre-run once (spec 7.3, pre_run_network); every run starts from the state after that pre-run
+    and explores the stimulus strength (0 is the control). Returns the trajectory."""
+    env = ForkingEnvironment(
+        trajectory=STIMULUS_TRAJECTORY_NAME,
+        comment="Litwin-Kumar & Doiron (2012): a stimulus to a few clusters",
+        **environment_options(args, filename, resume_folder),
+    )
+    traj = env.trajectory
+    add_simulation_parameters(traj, args)
+
+    manager = CNNetworkManager(
         network_runner=CNStimulusRunner(args.initial * second, args.period * second),
         component_list=[CNNeuronGroup(), CNConnections(), CNStimulus()],
         analyser_list=[
@@ -984,19 +1052,6 @@ def build_stimulus_manager(args):
             CNQuenchingAnalyser(),
         ],
     )
-
-
-def run_stimulus_experiment(args, filename, resume_folder):
-    """Experiment 2, stimulus-induced quenching of variability: ONE clustered network, built and
-    pre-run once (spec 7.3, pre_run_network); every run starts from the state after that pre-run
-    and explores the stimulus strength (0 is the control)."""
-    start_afresh(filename, resume_folder, STIMULUS_TRAJECTORY_NAME, args.resume)
-    env = make_environment(args, filename, resume_folder, STIMULUS_TRAJECTORY_NAME,
-                           "Litwin-Kumar & Doiron (2012): a stimulus to a few clusters")
-    traj = env.trajectory
-    add_simulation_parameters(traj, args)
-
-    manager = build_stimulus_manager(args)
     manager.add_parameters(traj)
     traj.f_get("connections.R_ee").f_set(args.stimulus_r_ee)
     traj.f_get("stimulus.n_clusters").f_set(args.stimulus_clusters)
@@ -1010,231 +1065,69 @@ def run_stimulus_experiment(args, filename, resume_folder):
     manager.pre_run_network(traj)
 
     traj.f_store()
-    run_until_stopped(env, lambda: env.run(manager.run_network))
-    experiment_done(env, resume_folder, STIMULUS_TRAJECTORY_NAME)
+    env.run(manager.run_network)
+    env.disable_logging()
+    return traj
 
 
-EXPERIMENTS = {  # --experiment name: (trajectory name, main function)
-    "sweep": (TRAJECTORY_NAME, run_sweep),
-    "stimulus": (STIMULUS_TRAJECTORY_NAME, run_stimulus_experiment),
+def resume_experiment(args, filename, resume_folder, name):
+    """Continue the experiment ``name`` after a stop or a kill at any moment: brian2pet puts the
+    file and pypet's resume files back in step, then pypet runs the runs left. Returns the
+    trajectory, or None when there was nothing to resume (the caller starts the experiment afresh)."""
+    runs_left = prepare_resume(filename, resume_folder, name)
+    if runs_left is None:
+        return None
+    if runs_left == 0:
+        # Stopped in the final stores. pypet's resume with several processes fails when no run
+        # is left; in one process it just does the final stores.
+        args = argparse.Namespace(**{**vars(args), "ncores": 1, "scoop": False})
+    # pypet's resume reads the trajectory from its resume files (this script's own) and the file:
+    # refuse a file with content that would run code.
+    check_file(filename, name, ALL_NODES)
+    env = ForkingEnvironment(trajectory=name, **environment_options(args, filename, resume_folder))
+    env.resume(trajectory_name=name, resume_folder=resume_folder)
+    env.disable_logging()
+    return env.trajectory
+
+
+EXPERIMENTS = {  # --experiment name: (trajectory name, main function, explored parameter)
+    "sweep": (TRAJECTORY_NAME, run_sweep, "connections.R_ee"),
+    "stimulus": (STIMULUS_TRAJECTORY_NAME, run_stimulus_experiment, "stimulus.strength"),
 }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading stored experiments back
 #
-# Results files travel, so a file may come from someone else, and reading one must run nothing from
-# it. Two things in the usual way of loading would: pypet rebuilds a PickleResult, a PickleParameter
-# (and any leaf it stored as a pickle) by unpickling it, and PyTables unpickles every node attribute
-# that looks like a pickle as soon as it opens the node. So the script loads only the nodes it needs,
-# with the classes it knows: check_sweep_file first walks exactly those nodes with PyTables and
-# refuses the file if any holds a class other than SWEEP_CLASSES, data that pypet would read through
-# pandas or pickle, a link, or an attribute that is a pickle; then pypet loads them. Both steps run
-# with every pickle refused the global (class or function) it names, so even a check that missed
-# something could not run code.
+# A results file may come from anyone, so it is read with brian2pet.load_nodes, which runs nothing
+# from it: only the nodes the tables and figures need, with brian2pet's and pypet's containers of
+# numbers and text; anything pickled is refused in one line naming the node.
 # ---------------------------------------------------------------------------------------------------
 
-# The containers a sweep of this script stores; none of them unpickles when it loads.
-SWEEP_CLASSES = ("Parameter", "Result", "Brian2Parameter", "Brian2Result", "Brian2MonitorResult")
-# How pypet stored a container's items (node attribute SRVC_STORE) when it reads them back as HDF5
-# arrays and tables of numbers and text. Its other ways (pandas frames and series, nested and shared
-# data) go through pandas, whose object columns are pickles.
-SAFE_STORAGE = ("ARRAY", "CARRAY", "EARRAY", "TABLE", "DICT")
-# What the table and the figures read: every parameter, and the results of each run.
+EXPERIMENT_NAMES = (TRAJECTORY_NAME, STIMULUS_TRAJECTORY_NAME)
+# What the tables and the figures read: every parameter, and the results of each run.
 SWEEP_NODES = ("parameters", "results.runs")
-# Every branch of a trajectory that holds containers; pypet's own loading reads them all.
+# Every branch of a trajectory that holds containers; pypet's resume reads them all.
 ALL_NODES = ("config", "parameters", "derived_parameters", "results")
 
 
-class SweepFileError(ValueError):
-    """A file that is no readable sweep of this script; the message is one line naming the file."""
-
-
-# Whether the audit hook below is installed, and, per thread, whether it refuses now: a program
-# that reads a file in one thread may unpickle its own data in another.
-_pickle_guard = {"installed": False}
-_refusing = threading.local()
-
-
-def _refuse_pickled_globals(event, args):
-    # Python announces (as the audit event pickle.find_class) every class or function a pickle names
-    # before the pickle may call it; without one, a pickle builds only numbers, text and containers.
-    if event == "pickle.find_class" and getattr(_refusing, "now", False):
-        raise SweepFileError(f"refused to unpickle {args[0]}.{args[1]}")
-
-
-@contextlib.contextmanager
-def pickles_refused():
-    """Inside the block no pickle can name a class or function, so no pickle can run code.
-
-    PyTables then leaves a pickled attribute as its bytes (check_sweep_file reports those), and
-    pypet's pickle containers raise. The audit hook stays installed (Python cannot remove one) but
-    does nothing outside the block, nor in other threads.
-    """
-    if not _pickle_guard["installed"]:
-        sys.addaudithook(_refuse_pickled_globals)
-        _pickle_guard["installed"] = True
-    previous = getattr(_refusing, "now", False)
-    _refusing.now = True
-    try:
-        yield
-    finally:
-        _refusing.now = previous
-
-
-def check_sweep_file(filename, trajectory_names=None, nodes=SWEEP_NODES):
-    """Raise SweepFileError unless ``filename`` holds at least one of ``trajectory_names`` (every
-    experiment of this script by default) and, for each it holds, its ``nodes`` (pypet names such
-    as 'results.runs') load without unpickling. Returns {trajectory name: the nodes it holds}.
-
-    The message is one line naming the file and what is wrong: missing, not HDF5, damaged (cut short
-    by a crash or an interrupted copy), another program's HDF5 file, or the first node whose content
-    would unpickle or is not a container this script knows.
-    """
-    import tables
-
-    if trajectory_names is None:
-        trajectory_names = [name for name, _ in EXPERIMENTS.values()]
-    if not os.path.isfile(filename):
-        raise SweepFileError(f"{filename}: no such file")
-    try:
-        with pickles_refused():
-            if not tables.is_hdf5_file(filename):
-                raise SweepFileError(f"{filename}: not an HDF5 file")
-            with tables.open_file(filename, "r") as h5:
-                held = [name for name in trajectory_names if f"/{name}/parameters" in h5]
-                if not held:
-                    raise SweepFileError(
-                        f"{filename}: holds no {' or '.join(map(repr, trajectory_names))} "
-                        f"experiment of this script"
-                    )
-                return {name: _check_sweep_nodes(h5, filename, name, nodes) for name in held}
-    except (tables.HDF5ExtError, OSError) as error:
-        raise SweepFileError(
-            f"{filename}: damaged, HDF5 cannot read it (cut short by a crash or an interrupted "
-            f"copy?): {_hdf5_reason(error)}"
-        ) from None
-
-
-def _check_sweep_nodes(h5, filename, trajectory_name, nodes):
-    import tables
-
-    trajectory = f"/{trajectory_name}"
-    # pypet also reads the file's root, the trajectory group, its direct subgroups and the
-    # overview tables (run information, explored parameters, storage settings).
-    walked = [h5.root, *h5.iter_nodes(trajectory)]
-    walked.extend(h5.walk_nodes(f"{trajectory}/overview") if f"{trajectory}/overview" in h5 else [])
-    present = []
-    for name in nodes:
-        path = f"{trajectory}/{name.replace('.', '/')}"
-        if path in h5:
-            present.append(name)
-            walked.extend(h5.walk_nodes(path))
-    for node in walked:
-        # An item of a container is reported by the container's name.
-        named = node._v_parent if "SRVC_LEAF" in node._v_parent._v_attrs else node
-        where = named._v_pathname[len(trajectory) + 1:].replace("/", ".") or named._v_pathname
-        problem = _unsafe_node(node, tables)
-        if problem:
-            raise SweepFileError(
-                f"{filename}: {trajectory_name}.{where}: {problem}; refused (it could run code)"
-            )
-    return present
-
-
-def _unsafe_node(node, tables):
-    """What makes reading ``node`` unsafe, or None."""
-    if isinstance(node, tables.link.Link):
-        return "a link, which pypet would follow elsewhere"
-    for attribute in node._v_attrs._f_list("all"):
-        # PyTables unpickles an attribute whose stored value is bytes ending in '.' (a pickle's last
-        # byte); _g_getattr is its reading before that step. Nothing pypet stores ends so.
-        raw = node._v_attrs._g_getattr(node, attribute)
-        if isinstance(raw, np.bytes_) and raw.endswith(b"."):
-            return f"attribute {attribute} holds a pickle"
-    if isinstance(node, tables.Group) and "SRVC_LEAF" in node._v_attrs:
-        class_name = str(node._v_attrs.SRVC_INIT_CLASS_NAME)
-        if class_name not in SWEEP_CLASSES:
-            return (f"stored as {class_name}, not one of the containers this script loads "
-                    f"({', '.join(SWEEP_CLASSES)})")
-    if isinstance(node, tables.Leaf) and not isinstance(node, (tables.Array, tables.Table)):
-        # e.g. a VLArray of Python objects, which PyTables unpickles when it reads them
-        return f"data stored as a PyTables {type(node).__name__}"
-    if "SRVC_LEAF" in node._v_parent._v_attrs:  # an item of a container
-        storage = str(getattr(node._v_attrs, "SRVC_STORE", "none"))
-        if storage not in SAFE_STORAGE:
-            return (f"item {node._v_name} stored as {storage}, which pypet reads through pandas "
-                    f"or pickle")
-    return None
-
-
-def _hdf5_reason(error):
-    """The innermost message of HDF5's error stack, e.g. 'truncated file: eof = ...'."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if "End of HDF5 error back trace" in lines:
-        return lines[lines.index("End of HDF5 error back trace") - 1]
-    return _first_line(error)
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-def exit_if_unreadable(option, filename, trajectory_names=None, nodes=SWEEP_NODES):
-    """Exit with one line naming ``option``, the file and the problem unless check_sweep_file
-    passes (for --replot and --resume)."""
-    try:
-        check_sweep_file(filename, trajectory_names, nodes)
-    except SweepFileError as error:
-        sys.exit(f"clustered_network.py: error: {option}: {error}")
+def check_sweep_file(filename, nodes=SWEEP_NODES):
+    """{experiment: the ``nodes`` it holds} for each of this script's experiments in ``filename``.
+    Raises FileRefused (one line) for a file that holds none, or anything that could run code."""
+    return check_file(filename, EXPERIMENT_NAMES, nodes)
 
 
 def stored_experiments(filename):
     """The names of this script's experiments that ``filename`` holds (none for a foreign file)."""
     try:
         return list(check_sweep_file(filename))
-    except SweepFileError:
+    except FileRefused:
         return []
-
-
-def load_trajectory_nodes(filename, trajectory_name, nodes):
-    """Trajectory ``trajectory_name`` of a file from anywhere, with only ``nodes`` loaded (pypet
-    names; each with its whole subtree), after check_sweep_file and with pickles refused.
-
-    Raises SweepFileError (one line) for a file that fails the check or that pypet cannot read.
-    """
-    from pypet import Trajectory
-
-    present = check_sweep_file(filename, [trajectory_name], nodes)[trajectory_name]
-    # pypet logs a failed load at length before raising; the error below says it in one line.
-    pypet_logger = logging.getLogger("pypet")
-    level = pypet_logger.level
-    pypet_logger.setLevel(logging.CRITICAL)
-    with pickles_refused():
-        try:
-            traj = Trajectory(
-                trajectory_name, add_time=False, filename=filename,
-                dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
-            )
-            # Run information and explored names only; then the nodes, each with its subtree.
-            traj.f_load(
-                name=trajectory_name, load_parameters=0, load_derived_parameters=0,
-                load_results=0, load_other_data=0, force=True,
-            )
-            for name in present:
-                traj.f_load_child(name, recursive=True, load_data=2)
-        except Exception as error:  # whatever pypet raises on a file it cannot read
-            raise SweepFileError(f"{filename}: damaged, pypet cannot read it: {_hdf5_reason(error)}"
-                                 ) from error
-        finally:
-            pypet_logger.setLevel(level)
-    return traj
 
 
 def load_sweep(filename, name=TRAJECTORY_NAME):
     """A stored experiment with its parameters and per-run results (SWEEP_NODES), loaded safely."""
-    return load_trajectory_nodes(filename, name, SWEEP_NODES)
+    return load_nodes(filename, name, SWEEP_NODES)
 
 
 def explored_values(traj, name):
@@ -1565,8 +1458,17 @@ def plot_all_stimulus(traj, rows, folder):
     return paths
 
 
+
 # ---------------------------------------------------------------------------------------------------
-# Command line, files, locking, resume and main()
+# Command line, output folder, lock, resume and main()
+#
+# Stopping and resuming: Ctrl-C or SIGTERM ends the experiments with exit status 130 / 143 and says
+# which runs finished and how to continue; a run they interrupt is never stored as finished, nor is a
+# write cut short (brian2pet 6.1). SIGKILL may come anywhere, also inside a write: --resume puts the
+# file and pypet's resume files back in step and runs what is left (brian2pet.prepare_resume). Each
+# experiment saves its settings at its start and removes them at its end, so --resume also finishes
+# an experiment that was killed before its first run finished, or never started, with the settings
+# of the original command.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -1667,11 +1569,18 @@ def parse_args(argv=None):
 
 
 def hold_sweep_lock(folder):
-    """Take the folder's sweep lock or exit, so that no two processes write one sweep.
+    """Take the folder's lock or exit, so that no two processes write one folder's experiments.
 
-    The lock is an flock on a file that forked workers inherit: it is held while ANY process of a
-    sweep lives. Workers die with their parent (workers_die_with_this_process), so it goes with it.
+    An flock on a file that forked workers inherit: held while ANY process of the experiments lives
+    (brian2pet's workers die with the main process, so it goes with it). Where there are no file
+    locks (fcntl is POSIX), the experiments run without one and say so.
     """
+    try:
+        import fcntl
+    except ImportError:
+        print(f"clustered_network.py: no file locks here (fcntl): run one command at a time in "
+              f"{folder}", flush=True)
+        return None
     path = os.path.join(folder, "sweep.lock")
     handle = open(path, "a+")
     try:
@@ -1688,177 +1597,6 @@ def hold_sweep_lock(folder):
     handle.write(f"pid {os.getpid()}, process group {os.getpgrp()}\n")
     handle.flush()
     return handle  # the lock lives as long as this handle stays open
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stopping and resuming: Ctrl-C, SIGTERM and SIGKILL at any moment
-#
-# - Ctrl-C (SIGINT) and SIGTERM end the sweep with exit status 130 / 143. A run they interrupt is
-#   not stored as finished (brian2pet's runner raises on a subrun that Ctrl-C cut short), the
-#   workers are stopped with the parent, and the finished runs and the resume command are printed.
-# - A signal that arrives while the HDF5 file is written waits until the write is done.
-# - SIGKILL may come anywhere, also inside a write. So before every write the storage service
-#   copies the file aside and drops the copy when the write is done: --resume puts the copy back
-#   when a write was cut short, removes runs that were stored but never counted as finished, and
-#   lets pypet re-run exactly the unfinished runs. Killed before pypet noted its first run, the
-#   sweep starts afresh from the settings saved at its start.
-# - Forked workers die with their parent (prctl PR_SET_PDEATHSIG): none outlives a killed sweep
-#   holding its lock. A worker that dies makes its run fail while the others go on, also when it
-#   dies halfway through sending its results: each sends them through a pipe of its own
-#   (RunResultPipe, SweepEnvironment).
-# ---------------------------------------------------------------------------------------------------
-
-
-class SweepStopped(BaseException):
-    """SIGTERM arrived. A BaseException, as KeyboardInterrupt is: no `except Exception` eats it."""
-
-
-_STOPS = (KeyboardInterrupt, SweepStopped)
-EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
-
-# While the HDF5 file is written, a signal's exception is held back and raised after the write.
-_writing = {"depth": 0, "pending": None}
-
-
-def _stop_on_signal(signum, frame, brian2_handler):
-    if _writing["depth"]:
-        _writing["pending"] = signum
-    elif signum == signal.SIGTERM:
-        raise SweepStopped("SIGTERM")
-    else:  # Brian2's handler: a stop request inside Network.run, KeyboardInterrupt elsewhere
-        brian2_handler(signum, frame)
-
-
-def stop_cleanly_on_signals():
-    """Route SIGINT and SIGTERM of this (main) process through _stop_on_signal."""
-    brian2_handler = signal.getsignal(signal.SIGINT)
-    if not callable(brian2_handler):
-        brian2_handler = signal.default_int_handler
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda n, f: _stop_on_signal(n, f, brian2_handler))
-    # pypet logs every exception of a run with its traceback; an interrupted run is no error.
-    logging.getLogger("pypet").addFilter(
-        lambda record: not (record.exc_info and isinstance(record.exc_info[1], _STOPS))
-    )
-
-
-def workers_die_with_this_process():
-    """Make every process forked from here on die when the process that forked it dies.
-
-    pypet forks a worker per run (use_pool=False), and a forked process outlives its parent by
-    default. The check after prctl catches a parent that died before prctl took effect. Workers
-    ignore Ctrl-C (the terminal sends it to the whole process group): the parent stops them.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    forking = {}
-
-    def before():
-        forking["pid"] = os.getpid()
-
-    def in_child():
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != forking["pid"]:
-            os._exit(1)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    os.register_at_fork(before=before, after_in_child=in_child)
-
-
-def stop_workers(timeout=5.0):
-    """Terminate this process's forked workers and wait for them (they die at once on SIGTERM)."""
-    workers = multiprocessing.active_children()
-    for worker in workers:
-        worker.terminate()
-    deadline = time.time() + timeout
-    for worker in workers:
-        worker.join(max(0.0, deadline - time.time()))
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
-
-
-def copy_name(filename):
-    return filename + ".before-write"
-
-
-def put_back_copy(filename):
-    """If a write was cut short, make ``filename`` what it was before that write; True if so."""
-    copy = copy_name(filename)
-    if not os.path.exists(copy):
-        return False
-    if os.path.getsize(copy) == 0:  # there was no file before the write
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(filename)
-        os.remove(copy)
-    else:
-        _replace_atomically(copy, filename, copy=False)
-    return True
-
-
-def remove_from_file(filename, paths):
-    """Remove the HDF5 groups ``paths`` from ``filename``: a write like pypet's stores, so the file
-    is copied aside first and the copy dropped after it."""
-    import tables
-
-    _replace_atomically(filename, copy_name(filename), copy=True)
-    with pickles_refused(), tables.open_file(filename, "a") as h5:
-        for path in paths:
-            h5.remove_node(path, recursive=True)
-    os.remove(copy_name(filename))
-
-
-def _replace_atomically(source, target, copy):
-    """Copy (or move) ``source`` to ``target`` so that ``target`` is either old or complete."""
-    partial = target + ".partial"
-    if copy:
-        shutil.copyfile(source, partial)
-        with open(partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-    else:
-        partial = source
-    os.replace(partial, target)
-    folder = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash of the machine
-    finally:
-        os.close(folder)
-
-
-class RecoverableHDF5StorageService(HDF5StorageService):
-    """pypet's HDF5 storage, with a copy of the file taken before each store and dropped after it.
-
-    A copy that still exists when --resume starts means its store was cut short: the copy is the
-    file as it was before that store. Stores called from within a store (pypet stores a list of
-    items one by one) are covered by the outer one. Signals wait until the store is done.
-    """
-
-    def store(self, msg, stuff_to_store, *args, **kwargs):
-        if _writing["depth"]:
-            return super().store(msg, stuff_to_store, *args, **kwargs)
-        _writing["depth"] += 1
-        try:
-            if os.path.exists(self._filename):
-                _replace_atomically(self._filename, copy_name(self._filename), copy=True)
-            else:
-                # No file yet: an empty copy stands for "no file" (an HDF5 file is never empty).
-                _replace_atomically(os.devnull, copy_name(self._filename), copy=True)
-            result = super().store(msg, stuff_to_store, *args, **kwargs)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(copy_name(self._filename))
-            return result
-        finally:
-            _writing["depth"] -= 1
-            pending, _writing["pending"] = _writing["pending"], None
-            if pending == signal.SIGINT:
-                raise KeyboardInterrupt
-            if pending == signal.SIGTERM:
-                raise SweepStopped("SIGTERM")
-
-
-class SweepFileDamaged(RuntimeError):
-    """The sweep's HDF5 file cannot be read and there is no copy from before a write."""
 
 
 def settings_file(resume_folder, trajectory_name):
@@ -1878,7 +1616,7 @@ def save_settings(args, resume_folder, trajectory_name):
     path = settings_file(resume_folder, trajectory_name)
     with open(path + ".partial", "w") as handle:
         json.dump({key: getattr(args, key) for key in EXPERIMENT_SETTINGS}, handle)
-    _replace_atomically(path + ".partial", path, copy=False)
+    os.replace(path + ".partial", path)
 
 
 def saved_settings(resume_folder, trajectory_name):
@@ -1893,233 +1631,59 @@ def saved_settings(resume_folder, trajectory_name):
     return settings
 
 
-def _runs_in_resume_snapshot(resume_path):
-    """The number of runs in pypet's snapshot of the sweep (written just before the first run),
-    or None if it is missing or was cut short by a kill."""
-    import dill
-
-    try:
-        with open(os.path.join(resume_path, "environment.ecnt"), "rb") as handle:
-            # Our own file, which pypet's resume unpickles in the same way a moment later.
-            return len(dill.load(handle)["trajectory"])
-    except Exception:
-        return None
+def unfinished(resume_folder, name):
+    """True from the start of the experiment ``name`` until experiment_done: its saved settings or
+    pypet's resume folder are there."""
+    return (os.path.isfile(settings_file(resume_folder, name))
+            or os.path.isdir(os.path.join(resume_folder, name)))
 
 
-def _finished_run_indices(resume_path):
-    """Indices of the runs pypet counts as finished: one resume file (.rcnt) each."""
-    import dill
-
-    indices = set()
-    for name in os.listdir(resume_path):
-        if name.endswith(".rcnt"):  # pypet writes .ncnt first and renames: .rcnt is complete
-            with open(os.path.join(resume_path, name), "rb") as handle:
-                indices.add(int(dill.load(handle)[1]["idx"]))
-    return indices
-
-
-def repair_for_resume(filename, resume_folder, trajectory_name):
-    """Bring file and resume folder back in step after a stop at any moment.
-
-    Returns None when pypet never got to its first run (the sweep must start afresh), else the
-    number of runs left. Raises SweepFileDamaged when the file cannot be read and has no copy.
-    """
-    resume_path = os.path.join(resume_folder, trajectory_name)
-    if put_back_copy(filename):
-        print(f"{filename}: a write was cut short; restored the file as it was before it")
-    runs = _runs_in_resume_snapshot(resume_path)
-    if runs is None:
-        if os.path.isdir(resume_path) and any(n.endswith(".rcnt") for n in os.listdir(resume_path)):
-            # Runs finished, so the snapshot was complete once: never start afresh over them.
-            raise SweepFileDamaged(
-                f"pypet's resume snapshot in {resume_path} cannot be read (was the script changed "
-                f"since?); the finished runs stay in {filename}, --replot shows them"
-            )
-        return None
-    finished = _finished_run_indices(resume_path)
-    runs_path = f"/{trajectory_name}/results/runs"
-    try:
-        import tables
-
-        with pickles_refused(), tables.open_file(filename, "r") as hdf5:
-            hdf5.get_node(f"/{trajectory_name}")
-            stored = [g._v_name for g in hdf5.iter_nodes(runs_path)] if runs_path in hdf5 else []
-    except Exception as error:
-        lost = f"{len(finished)} finished run(s) are lost with it" if finished else "none finished"
-        raise SweepFileDamaged(
-            f"{filename} is damaged beyond repair ({_first_line(error)}) and has no copy from "
-            f"before a write; {lost}: start the sweep again without --resume"
-        ) from None
-    # A run stored just before the kill, but not yet counted by pypet, runs again: remove it.
-    unfinished = [name for name in stored if int(name.rsplit("_", 1)[1]) not in finished]
-    if unfinished:
-        remove_from_file(filename, [f"{runs_path}/{name}" for name in unfinished])
-        print(f"{filename}: {', '.join(unfinished)} stored but not counted as finished: runs again")
-    return runs - len(finished)
+def start_afresh(filename, resume_folder, name, resuming=False):
+    """Remove what an earlier attempt of the experiment ``name`` left: its trajectory in the file
+    (the other experiment's stays) and pypet's resume files; ``resuming``: what it stored before it
+    was stopped, ahead of a run that finished."""
+    shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
+    restore_checkpoint(filename)  # a write was cut short: the checkpoint is the good file
+    if _holds_group(filename, name):
+        print(f"removing what '{name}' stored in {filename} before it was stopped" if resuming
+              else f"replacing the earlier '{name}' in {filename} (continue one with --resume)",
+              flush=True)
+        remove_from_file(filename, [f"/{name}"])
 
 
-def finished_runs_text(traj):
-    """'0 (R_ee = 1.0), 2 (R_ee = 3.0)' for the runs pypet counts as finished, or 'none'."""
-    # Read from the ranges: an interrupted run leaves the trajectory set to it, and locked.
-    explored = traj.f_get_explored_parameters(copy=False).values()
-    done = []
-    for idx, name in enumerate(traj.f_get_run_names()):
-        if traj.f_get_run_information(name)["completed"]:
-            values = ", ".join(f"{p.v_name} = {p.f_get_range(copy=False)[idx]}" for p in explored)
-            done.append(f"{idx} ({values})")
-    return ", ".join(done) or "none"
+def _holds_group(filename, name):
+    """True if ``filename`` has a top-level group ``name`` (also one stored only in part)."""
+    import tables
 
-
-class SweepInterrupted(Exception):
-    """A signal stopped the sweep; carries the signal and the runs that had finished."""
-
-    def __init__(self, signum, finished):
-        super().__init__(signum, finished)
-        self.signum, self.finished = signum, finished
-
-
-def run_until_stopped(env, start):
-    """Call ``start()`` (env.run or env.resume); a signal becomes SweepInterrupted."""
-    try:
-        start()
-    except _STOPS as stop:
-        signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
-        stop_workers()
-        raise SweepInterrupted(signum, finished_runs_text(env.trajectory)) from None
-    finally:
-        env.disable_logging()
-
-
-class RunResultPipe:
-    """The way one worker's results travel to the main process: a pipe of its own.
-
-    pypet's worker hands its run's results (the data to store, as the LOCAL wrap mode collects
-    it) to ``put`` and then calls ``close``; the main process reads them from ``reader``. pypet
-    would give all workers one multiprocessing Queue instead. A worker killed halfway through its
-    message then leaves the Queue's shared write lock taken and a partial message in the shared
-    pipe: the other workers block on the lock and the main process waits for the rest of the
-    message, for ever. With a pipe per worker, the death of a worker closes its pipe's only write
-    end: the main process reads end-of-file there, that one run fails, and the others go on.
-    """
-
-    def __init__(self):
-        self.reader, self.writer = multiprocessing.Pipe(duplex=False)
-
-    def put(self, result):  # in the worker; no feeder thread, no lock: the worker writes it all
-        self.writer.send(result)
-
-    def close(self):
-        self.writer.close()
-
-
-class SweepEnvironment(Environment):
-    """pypet's Environment, with a RunResultPipe per forked worker in place of its result queue.
-
-    Only the forking path (multiproc without a pool) hands pypet's single-run wrapper a result
-    queue; pypet takes it from the task it builds per run (_make_iterator) and reads it in its
-    loop over the running workers (_get_results_from_queue). These two methods swap it. The
-    queue pypet still makes is never used.
-    """
-
-    _pipes = ()  # of the workers whose results have not come yet
-
-    def __setattr__(self, name, value):
-        # pypet's Environment sets attributes through super(type(self), self), which calls itself
-        # for ever in a subclass. Its "v_" prefix is an alias of the plain name.
-        object.__setattr__(self, name[2:] if name.startswith("v_") else name, value)
-
-    def _make_iterator(self, start_run_idx, copy_data=False, **kwargs):
-        tasks = super()._make_iterator(start_run_idx, copy_data, **kwargs)
-        if "result_queue" not in kwargs:
-            return tasks
-        return self._tasks_with_own_pipes(tasks)
-
-    def _tasks_with_own_pipes(self, tasks):
-        for task in tasks:
-            pipe = RunResultPipe()
-            self._pipes += (pipe,)
-            yield dict(task, result_queue=pipe)  # pypet forks the worker right after taking it
-
-    def _get_results_from_queue(self, result_queue, results, n, total_runs):
-        for pipe in self._pipes:
-            # pypet calls this right after it forked a worker, before it forks another one: the
-            # worker now holds the write end, and this process must let go of its own copy (nor
-            # may the next worker inherit it), or the pipe would never report the worker's death.
-            if not pipe.writer.closed:
-                pipe.writer.close()
-            if not pipe.reader.poll():
-                continue
-            try:
-                result = pipe.reader.recv()  # the worker is writing: the whole message, or EOF
-            except (EOFError, OSError):
-                result = None  # the worker died: its run stays incomplete and fails the sweep
-            pipe.reader.close()
-            self._pipes = tuple(other for other in self._pipes if other is not pipe)
-            if result is not None:
-                n = self._check_result_and_store_references(result, results, n, total_runs)
-        return n
-
-
-def _have_dill():
-    try:
-        import dill  # noqa: F401
-    except ImportError:
+    if not os.path.exists(filename):
         return False
-    return True
+    try:
+        with pickles_refused(), tables.open_file(filename, "r") as h5:
+            return f"/{name}" in h5
+    except Exception as error:
+        raise FileDamaged(
+            f"{filename}: damaged, HDF5 cannot read it ({_first_line(error)}); move it away or "
+            f"choose another --out"
+        ) from None
 
 
-def make_environment(args, filename, resume_folder, name=TRAJECTORY_NAME, comment=""):
-    """pypet's Environment for the trajectory ``name`` in ``filename`` (added beside any other)."""
-    multiproc = {}
-    if args.scoop:
-        # Workers on other hosts get the run function pickled; each keeps its own results (LOCAL).
-        multiproc = dict(multiproc=True, use_scoop=True, wrap_mode="LOCAL")
-    elif args.ncores > 1:
-        # Fork without a pool, so the pre-built network needs no pickling. The workers send their
-        # results to this process, the one writer of the HDF5 file: LOCAL rather than QUEUE, because
-        # pypet can resume only LOCK, NETLOCK and LOCAL sweeps. Each worker sends its results
-        # through a pipe of its own (SweepEnvironment), so that a killed worker fails only its run.
-        multiproc = dict(multiproc=True, ncores=args.ncores, use_pool=False, wrap_mode="LOCAL")
-    return SweepEnvironment(
-        trajectory=name,
-        filename=filename,
-        storage_service=RecoverableHDF5StorageService,
-        comment=comment,
-        dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult],
-        log_config=None,
-        # pypet's default, zlib at level 9, costs about a second per sweep for files 2 % smaller.
-        complevel=1,
-        report_progress=False,
-        # Resume files let a killed sweep continue (--resume); pypet writes them with dill.
-        resumable=_have_dill(),
-        resume_folder=resume_folder,
-        # pypet would delete the resume files before its final stores; a kill in those stores
-        # would then leave nothing to resume. experiment_done() deletes them after the last store.
-        delete_resume=False,
-        **multiproc,
-    )
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def resolve_target(target):
-    """'auto' becomes cython if Brian2 can compile (a one-off test, cached), numpy otherwise."""
-    if target != "auto":
-        return target
-    from brian2.codegen.runtime.cython_rt import CythonCodeObject
-
-    if CythonCodeObject.is_available():
-        return "cython"
-    print("cython is not usable here (no C compiler?): simulating with numpy", flush=True)
-    return "numpy"
-
-
-def experiment_done(env, resume_folder, name):
+def experiment_done(traj, resume_folder, name):
     """End the experiment ``name`` after pypet's last store: a run that did not complete fails it
     (and stays to --resume); otherwise nothing is left to resume. The settings go first: without
-    them, pypet's resume files alone still resume."""
-    raise_for_incomplete_runs(env.trajectory)
+    them, pypet's resume files alone still resume; those go in one rename, so that a kill never
+    leaves half of them."""
+    raise_for_incomplete_runs(traj)
     with contextlib.suppress(FileNotFoundError):
         os.remove(settings_file(resume_folder, name))
-    shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
+    folder = os.path.join(resume_folder, name)
+    if os.path.isdir(folder):
+        os.replace(folder, folder + ".done")
+        shutil.rmtree(folder + ".done")
 
 
 def raise_for_incomplete_runs(traj):
@@ -2137,66 +1701,6 @@ def raise_for_incomplete_runs(traj):
         )
 
 
-def start_afresh(filename, resume_folder, name, resuming=False):
-    """Remove an earlier run of the experiment ``name``: its trajectory in the file (the other
-    experiment's stays) and pypet's resume files; ``resuming``: what it stored before it was
-    stopped, ahead of its first run. The removal is a write like any other, so the file is copied
-    aside first (see 'Stopping and resuming')."""
-    import tables
-
-    shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
-    put_back_copy(filename)  # a write was cut short: the copy is the good file
-    if not os.path.exists(filename):
-        return
-    try:
-        with pickles_refused(), tables.open_file(filename, "r") as h5:
-            held = f"/{name}" in h5
-    except Exception as error:
-        raise SweepFileDamaged(
-            f"{filename}: damaged, HDF5 cannot read it ({_hdf5_reason(error)}); move it away or "
-            f"choose another --out"
-        ) from None
-    if held and resuming:
-        print(f"removing what '{name}' stored in {filename} before it was stopped")
-    elif held:
-        print(f"replacing the earlier '{name}' in {filename} (continue one with --resume)")
-    if held:
-        remove_from_file(filename, [f"/{name}"])
-
-
-def has_resume_files(resume_folder, name):
-    """True from the start of the experiment ``name`` until experiment_done: its saved settings
-    or pypet's resume files are there."""
-    return os.path.isfile(settings_file(resume_folder, name)) or os.path.isfile(
-        os.path.join(resume_folder, name, "environment.ecnt")
-    )
-
-
-def resume_experiment(args, filename, resume_folder, name):
-    """Continue the experiment ``name`` after a stop at any moment (see 'Stopping and resuming')."""
-    runs_left = repair_for_resume(filename, resume_folder, name)
-    if runs_left is None:
-        settings = saved_settings(resume_folder, name)
-        if settings is None:
-            sys.exit(
-                f"clustered_network.py: error: nothing to resume in {resume_folder} for '{name}' "
-                f"(it finished, or never started with this --out)"
-            )
-        print(f"'{name}' stopped before its first run was stored: starting it afresh", flush=True)
-        run = {trajectory: run for trajectory, run in EXPERIMENTS.values()}[name]
-        return run(argparse.Namespace(**{**vars(args), **settings}), filename, resume_folder)
-    if runs_left == 0:
-        # Stopped in the final stores. pypet's resume with several processes fails when no run
-        # is left; in one process it just does the final stores.
-        args = argparse.Namespace(**{**vars(args), "ncores": 1, "scoop": False})
-    # pypet's resume loads the whole trajectory the generic way (and unpickles the resume folder,
-    # which this script wrote): refuse a damaged file, or one with content that would run code.
-    exit_if_unreadable("--resume", filename, [name], nodes=ALL_NODES)
-    env = make_environment(args, filename, resume_folder, name)
-    run_until_stopped(env, lambda: env.resume(trajectory_name=name, resume_folder=resume_folder))
-    experiment_done(env, resume_folder, name)
-
-
 def run_experiments(args, filename, resume_folder):
     """Run the chosen experiments in turn. With --resume: continue those that were stopped (or
     never got to start) with the settings they were started with, keep those that finished."""
@@ -2204,63 +1708,98 @@ def run_experiments(args, filename, resume_folder):
     if args.resume:
         if not _have_dill():
             sys.exit("clustered_network.py: error: --resume needs the package dill (pip install dill)")
-        if not any(has_resume_files(resume_folder, EXPERIMENTS[e][0]) for e in chosen):
+        if not any(unfinished(resume_folder, EXPERIMENTS[e][0]) for e in chosen):
             sys.exit(
                 f"clustered_network.py: error: nothing to resume in {resume_folder} (the "
                 f"experiments finished, or never started with this --out)"
             )
     else:
         if args.experiment == "both" and os.path.exists(filename):
+            # Both start afresh: a new file, rather than the old one with their space freed inside.
             print(f"replacing the earlier experiments in {filename} (continue them with --resume)")
-            os.remove(filename)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(copy_name(filename))
+            for leftover in (filename, filename + ".checkpoint", filename + ".writing"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(leftover)
         # Saved before anything runs, so that --resume after a stop at any moment finishes every
         # chosen experiment with these settings, also one that never got to start.
         for experiment in chosen:
             save_settings(args, resume_folder, EXPERIMENTS[experiment][0])
     for experiment in chosen:
-        name, run = EXPERIMENTS[experiment]
+        name, run, _ = EXPERIMENTS[experiment]
         release_freed_memory()  # the previous experiment's network, before this one builds its own
-        if args.resume and has_resume_files(resume_folder, name):
+        traj = None
+        if args.resume and unfinished(resume_folder, name):
             print(f"resuming '{name}'", flush=True)
-            resume_experiment(args, filename, resume_folder, name)
+            traj = resume_experiment(args, filename, resume_folder, name)
+            if traj is None:
+                settings = saved_settings(resume_folder, name)
+                if settings is None:
+                    sys.exit(f"clustered_network.py: error: nothing to resume in {resume_folder} "
+                             f"for '{name}' (it finished, or never started with this --out)")
+                print(f"'{name}' stopped before its first run was stored: starting it afresh",
+                      flush=True)
+                args_then = argparse.Namespace(**{**vars(args), **settings})
         elif args.resume and name in stored_experiments(filename):
             print(f"'{name}' finished before; kept as it is", flush=True)
+            continue
         else:
             if args.resume:  # chosen now, never started before: with the flags given now
                 save_settings(args, resume_folder, name)
             print(f"experiment '{name}'", flush=True)
-            run(args, filename, resume_folder)
+            args_then = args
+        if traj is None:
+            start_afresh(filename, resume_folder, name, resuming=args.resume)
+            traj = run(args_then, filename, resume_folder)
+        experiment_done(traj, resume_folder, name)
 
 
-def report(filename, plots):
-    """Print each stored experiment's table, and draw and list the figures."""
+def report(filename, plots, require_runs=False):
+    """Print each stored experiment's table, and draw and list the figures. ``require_runs``: a
+    file in which no experiment has a run (finished or flagged) is an error."""
     folder = os.path.dirname(os.path.abspath(filename))
     held = check_sweep_file(filename)
-    for name, rows_of, format_rows, explored, plot in (
-        (TRAJECTORY_NAME, sweep_rows, format_table, "connections.R_ee", plot_all),
-        (STIMULUS_TRAJECTORY_NAME, stimulus_rows, format_stimulus_table, "stimulus.strength",
-         plot_all_stimulus),
+    reports = []
+    for name, rows_of, format_rows, plot in (
+        (TRAJECTORY_NAME, sweep_rows, format_table, plot_all),
+        (STIMULUS_TRAJECTORY_NAME, stimulus_rows, format_stimulus_table, plot_all_stimulus),
     ):
         if name not in held:
             continue
         traj = load_sweep(filename, name)
+        explored = {trajectory: parameter for trajectory, _, parameter in EXPERIMENTS.values()}
         try:
             rows = rows_of(traj)
-            table = format_rows(rows, pathological_runs(traj, explored))
-            paths = plot(traj, rows, folder) if plots else []
+            pathological = pathological_runs(traj, explored[name])
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as error:
             # HDF5 has no checksums here: a damaged file can load with items missing or garbled.
-            raise SweepFileError(
+            raise FileRefused(
                 f"{filename}: damaged, its '{name}' results are not what this script stores: "
                 f"{_first_line(error)}"
             ) from error
+        reports.append((name, traj, rows, format_rows(rows, pathological), plot))
+        held[name] = bool(rows or pathological)
+    if require_runs and not any(held.values()):
+        raise FileRefused(f"{filename}: holds no run of either experiment ({', '.join(held)} "
+                          f"without results)")
+    for name, traj, rows, table, plot in reports:
+        paths = plot(traj, rows, folder) if plots else []
         print(f"\n{name}:")
         print(table)
         for path in paths:
             print(f"figure: {os.path.abspath(path)}")
     print(f"HDF5 file: {os.path.abspath(filename)}")
+
+
+def finished_text(args, resume_folder):
+    """'0 (R_ee = 1.0), 2 (R_ee = 3.0)': the runs of the unfinished experiments that pypet counts as
+    finished (those a resume keeps), or 'none'."""
+    done = []
+    for experiment, key in (("sweep", "r_ee"), ("stimulus", "strengths")):
+        name, _, parameter = EXPERIMENTS[experiment]
+        values = (saved_settings(resume_folder, name) or vars(args))[key]  # as it was started
+        for idx in finished_runs(resume_folder, name):
+            done.append(f"{idx} ({parameter.split('.')[-1]} = {values[idx]})")
+    return ", ".join(done) or "none"
 
 
 def resume_command(args):
@@ -2274,6 +1813,9 @@ def resume_command(args):
     return shlex.join(command)
 
 
+EXIT_STATUS = {KeyboardInterrupt: ("SIGINT", 130), Terminated: ("SIGTERM", 143)}  # 128 + signal
+
+
 def main(argv=None):
     args = parse_args(argv)
     # With several processes the parent's pre-built neurons are never simulated (forked workers
@@ -2281,8 +1823,8 @@ def main(argv=None):
     BrianLogger.suppress_name("unused_brian_object")
     if args.replot:
         try:
-            report(args.replot, plots=True)
-        except SweepFileError as error:  # passed the check, but pypet could not read it
+            report(args.replot, plots=True, require_runs=True)
+        except FileRefused as error:  # passed the first check, but is no readable experiment
             print(f"clustered_network.py: error: --replot: {error}", file=sys.stderr)
             return 1
         return 0
@@ -2291,27 +1833,22 @@ def main(argv=None):
     filename = os.path.join(args.out, HDF5_NAME)
     resume_folder = os.path.join(args.out, "resume")
     lock = hold_sweep_lock(args.out) if not args.scoop else None
-    stop_cleanly_on_signals()
-    if not args.scoop:
-        workers_die_with_this_process()
     started = time.time()
     try:
-        run_experiments(args, filename, resume_folder)
+        with stop_cleanly_on_signals():
+            run_experiments(args, filename, resume_folder)
     except RunFailed as error:
         print(f"clustered_network.py: error: {error}", file=sys.stderr)
         print(f"finished runs are kept in {os.path.abspath(filename)}; to run the others again: "
               f"{resume_command(args)}", file=sys.stderr)
         return 1
-    except (SweepInterrupted, *_STOPS) as stop:
-        if not isinstance(stop, SweepInterrupted):  # before pypet ran anything
-            signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
-            stop = SweepInterrupted(signum, "none")
-        print(f"clustered_network.py: stopped by {signal.Signals(stop.signum).name}; runs "
-              f"finished and kept in {os.path.abspath(filename)}: {stop.finished}",
-              file=sys.stderr)
+    except (KeyboardInterrupt, Terminated) as stop:
+        signal_name, status = EXIT_STATUS[type(stop)]
+        print(f"clustered_network.py: stopped by {signal_name}; runs finished and kept in "
+              f"{os.path.abspath(filename)}: {finished_text(args, resume_folder)}", file=sys.stderr)
         print(f"continue with: {resume_command(args)}", file=sys.stderr)
-        return EXIT_STATUS[stop.signum]
-    except SweepFileDamaged as error:
+        return status
+    except (FileDamaged, FileRefused) as error:
         print(f"clustered_network.py: error: {error}", file=sys.stderr)
         return 1
     print(f"finished in {time.time() - started:.0f} s", flush=True)
@@ -2321,52 +1858,5 @@ def main(argv=None):
     return 0
 
 
-def scoop_root():
-    """True in SCOOP's root worker, the process that runs main() under ``python -m scoop``."""
-    scoop = sys.modules.get("scoop")  # imported by SCOOP's bootstrap before this script
-    return scoop is not None and scoop.IS_RUNNING and scoop.IS_ORIGIN
-
-
-def fail_scoop_command():
-    """Make ``python -m scoop`` exit non-zero; the failed root worker runs this as it exits.
-
-    SCOOP 0.7.2 takes the command's exit status from the process that started the root worker
-    (``scoop.launch``), which exits 0 whatever the root's status: only a launch process ended by a
-    signal fails the command. So the root ends its sibling workers, as the launch process would
-    have, then the launch process, and then itself at once: the launcher now closes SCOOP's
-    brokers, and the root's remaining clean-up would wait for them forever. Workers on other hosts
-    end when the launcher closes their ssh.
-    """
-    launch = os.getppid()
-    try:
-        with open(f"/proc/{launch}/cmdline", "rb") as handle:
-            if b"scoop.launch" not in handle.read():
-                return
-        with open(f"/proc/{launch}/task/{launch}/children") as handle:
-            siblings = [int(pid) for pid in handle.read().split() if int(pid) != os.getpid()]
-    except OSError:  # no /proc (not Linux): the error is printed, the command exits 0
-        return
-    for pid in siblings:
-        os.kill(pid, signal.SIGTERM)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(launch, signal.SIGTERM)
-    os._exit(1)
-
-
 if __name__ == "__main__":
-    if scoop_root():
-        # SCOOP prints a SystemExit of its root worker as a traceback and drops its status.
-        try:
-            failed = main() != 0
-        except SystemExit as stop:
-            failed = stop.code not in (None, 0)
-            if isinstance(stop.code, str):
-                print(stop.code, file=sys.stderr)
-        except Exception:
-            traceback.print_exc()
-            failed = True
-        if failed:
-            atexit.register(fail_scoop_command)
-    else:
-        sys.exit(main())
+    run_command(main)  # sys.exit(main()), also under SCOOP (which drops the status otherwise)
