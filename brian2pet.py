@@ -90,6 +90,7 @@ __all__ = [
     "remove_from_file",
     "prepare_resume",
     "finished_runs",
+    "remove_resume_files",
     "ForkingEnvironment",
     "SAFE_CLASSES",
     "FileRefused",
@@ -832,7 +833,8 @@ class NetworkManager(HasLogger):
 #
 #   6.1 Stopping cleanly      signals_deferred, stop_cleanly_on_signals, Terminated
 #   6.2 Storage a kill        CheckpointedHDF5StorageService (Environment(storage_service=...)),
-#       cannot ruin           restore_checkpoint, prepare_resume, finished_runs, remove_from_file
+#       cannot ruin           restore_checkpoint, prepare_resume, finished_runs, remove_from_file,
+#                             remove_resume_files
 #   6.3 Forked workers        ForkingEnvironment (pypet's Environment, multiproc without a pool)
 #   6.4 Files from elsewhere  load_nodes, check_file, pickles_refused, FileRefused
 #   6.5 SCOOP's exit status   run_command
@@ -1033,11 +1035,7 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         self._in_store = True
         try:
             with signals_deferred():
-                if os.path.exists(_marker_of(filename)):
-                    raise FileDamaged(
-                        f"{filename}: its last write was cut short (was its process killed?); "
-                        f"call brian2pet.prepare_resume or restore_checkpoint before writing to it"
-                    )
+                _refuse_if_cut_short(filename)
                 self._checkpoint_if_due(filename)
                 open(_marker_of(filename), "wb").close()
                 try:
@@ -1110,22 +1108,52 @@ def restore_checkpoint(filename):
     return True
 
 
+def _refuse_if_cut_short(filename):
+    if os.path.exists(_marker_of(filename)):
+        raise FileDamaged(
+            f"{filename}: its last write was cut short (was its process killed?); call "
+            f"brian2pet.prepare_resume or restore_checkpoint before writing to it"
+        )
+
+
 def remove_from_file(filename, paths):
     """Remove the HDF5 groups or arrays ``paths`` (e.g. '/my_trajectory') from ``filename``, safe
     against a kill as CheckpointedHDF5StorageService's stores are: a checkpoint first if there is
-    none, the marker during the removal, signals held back."""
+    none, the marker during the removal, signals held back. Returns the paths it removed (those the
+    file held); raises FileDamaged for a file that HDF5 cannot read."""
     import tables
 
     filename = os.path.abspath(filename)
+    if not os.path.exists(filename):
+        return []
     with signals_deferred():
+        _refuse_if_cut_short(filename)
         if not os.path.exists(_checkpoint_of(filename)):
             _copy_then_rename(filename, _checkpoint_of(filename))
         open(_marker_of(filename), "wb").close()
-        with pickles_refused(), tables.open_file(filename, "a") as h5:
-            for path in paths:
-                if path in h5:
+        try:
+            with pickles_refused(), tables.open_file(filename, "a") as h5:
+                removed = [path for path in paths if path in h5]
+                for path in removed:
                     h5.remove_node(path, recursive=True)
-        os.remove(_marker_of(filename))
+        except (tables.HDF5ExtError, OSError) as error:
+            raise FileDamaged(
+                f"{filename}: damaged, HDF5 cannot read it ({_hdf5_reason(error)}); move it away"
+            ) from None
+        finally:
+            os.remove(_marker_of(filename))  # only a kill leaves it
+    return removed
+
+
+def remove_resume_files(resume_folder, trajectory_name):
+    """Remove pypet's resume files of ``trajectory_name`` once ``env.run`` or ``env.resume`` returned
+    with every run complete, in one rename, so that a kill never leaves half of them. (pypet's own
+    delete_resume=True deletes them before its final stores, which a kill may then cut with nothing
+    left to resume: pass delete_resume=False and call this after.)"""
+    folder = os.path.join(resume_folder, trajectory_name)
+    if os.path.isdir(folder):
+        os.replace(folder, folder + ".done")
+        shutil.rmtree(folder + ".done")
 
 
 # pypet's resume files, as pypet 0.6.1 and 0.7.0 write them (the one place that reads them): in

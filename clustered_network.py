@@ -85,9 +85,9 @@ from brian2pet import (
     check_file,
     finished_runs,
     load_nodes,
-    pickles_refused,
     prepare_resume,
     remove_from_file,
+    remove_resume_files,
     restore_checkpoint,
     run_command,
     stop_cleanly_on_signals,
@@ -1644,46 +1644,20 @@ def start_afresh(filename, resume_folder, name, resuming=False):
     was stopped, ahead of a run that finished."""
     shutil.rmtree(os.path.join(resume_folder, name), ignore_errors=True)
     restore_checkpoint(filename)  # a write was cut short: the checkpoint is the good file
-    if _holds_group(filename, name):
-        print(f"removing what '{name}' stored in {filename} before it was stopped" if resuming
-              else f"replacing the earlier '{name}' in {filename} (continue one with --resume)",
+    if remove_from_file(filename, [f"/{name}"]):
+        print(f"removed what '{name}' stored in {filename} before it was stopped" if resuming
+              else f"replaced the earlier '{name}' in {filename} (continue one with --resume)",
               flush=True)
-        remove_from_file(filename, [f"/{name}"])
-
-
-def _holds_group(filename, name):
-    """True if ``filename`` has a top-level group ``name`` (also one stored only in part)."""
-    import tables
-
-    if not os.path.exists(filename):
-        return False
-    try:
-        with pickles_refused(), tables.open_file(filename, "r") as h5:
-            return f"/{name}" in h5
-    except Exception as error:
-        raise FileDamaged(
-            f"{filename}: damaged, HDF5 cannot read it ({_first_line(error)}); move it away or "
-            f"choose another --out"
-        ) from None
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def experiment_done(traj, resume_folder, name):
     """End the experiment ``name`` after pypet's last store: a run that did not complete fails it
     (and stays to --resume); otherwise nothing is left to resume. The settings go first: without
-    them, pypet's resume files alone still resume; those go in one rename, so that a kill never
-    leaves half of them."""
+    them, pypet's resume files alone still resume."""
     raise_for_incomplete_runs(traj)
     with contextlib.suppress(FileNotFoundError):
         os.remove(settings_file(resume_folder, name))
-    folder = os.path.join(resume_folder, name)
-    if os.path.isdir(folder):
-        os.replace(folder, folder + ".done")
-        shutil.rmtree(folder + ".done")
+    remove_resume_files(resume_folder, name)
 
 
 def raise_for_incomplete_runs(traj):
@@ -1751,6 +1725,11 @@ def run_experiments(args, filename, resume_folder):
             start_afresh(filename, resume_folder, name, resuming=args.resume)
             traj = run(args_then, filename, resume_folder)
         experiment_done(traj, resume_folder, name)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def report(filename, plots, require_runs=False):

@@ -456,8 +456,8 @@ PUBLIC = [
 LONG_EXPLORATIONS = [
     "Terminated", "signals_deferred", "stop_cleanly_on_signals", "CheckpointedHDF5StorageService",
     "FileDamaged", "restore_checkpoint", "remove_from_file", "prepare_resume", "finished_runs",
-    "ForkingEnvironment", "SAFE_CLASSES", "FileRefused", "pickles_refused", "check_file",
-    "load_nodes", "run_command",
+    "remove_resume_files", "ForkingEnvironment", "SAFE_CLASSES", "FileRefused", "pickles_refused",
+    "check_file", "load_nodes", "run_command",
 ]
 
 
@@ -2148,7 +2148,7 @@ def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=Fal
     except AssertionError as error:
         raise AssertionError(f"{signal_name} at write {when}, {ncores} core(s): {error}") from None
     assert finished or "starting it afresh" in resumed
-    assert "replacing the earlier" not in resumed  # the stopped attempt is no earlier experiment
+    assert "replaced the earlier" not in resumed  # the stopped attempt is no earlier experiment
     shutil.rmtree(out)
 
 
