@@ -1009,6 +1009,9 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         last one, i.e. every (time of the last copy / checkpoint_share) seconds or less often;
       - creates FILE.writing for the time of the write.
     pypet's Environment calls ``finalize`` after its last store; the checkpoint is then removed.
+    With pypet's resume files (resumable=True) pass delete_resume=False, and remove them with
+    remove_resume_files once every run completed: pypet's own deletion comes before its final
+    stores, and a kill in those would leave nothing to resume.
 
     What it costs:
       - time: about ``checkpoint_share`` (5 %) of the time, whatever the size of the file, plus a

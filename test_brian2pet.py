@@ -988,6 +988,18 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     counts = [back.f_get(f"results.runs.{run}.spikes").num_spikes for run in back.f_get_run_names()]
     assert len(counts) == 3 and counts[0] > counts[2] > 0  # a faster membrane fires more often
 
+    # The long exploration continues the quick start, in its namespace: forked workers, stored
+    # through checkpoints, and nothing left behind (no checkpoint, no resume files).
+    code = readme.split("**Running a long exploration safely.**", 1)[1]
+    code = code.split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md long exploration", "exec"), namespace)
+    namespace["env"].disable_logging()
+    long = brian2pet.load_nodes(str(tmp_path / "results" / "long.hdf5"), "long", ("results.runs",))
+    counts = [long.f_get(f"results.runs.{run}.spikes").num_spikes for run in long.f_get_run_names()]
+    assert len(counts) == 3 and counts[0] > counts[2] > 0
+    assert sorted(os.listdir(tmp_path / "results")) == ["long.hdf5", "quickstart.hdf5", "resume"]
+    assert os.listdir(tmp_path / "results" / "resume") == []
+
 
 
 
