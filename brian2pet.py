@@ -1282,7 +1282,7 @@ def prepare_resume(filename, resume_folder, trajectory_name):
 # ---------------------------------------------------------------------------------------------------
 
 # Set while a ForkingEnvironment runs; read in every forked child (see _in_forked_worker).
-_forking = {"armed": False, "parent": None}
+_forking = {"registered": False, "armed": False, "parent": None}
 
 
 def _before_fork():
@@ -1359,8 +1359,10 @@ class ForkingEnvironment(Environment):
         it started that still run are stopped (SIGTERM, then SIGKILL after ``stop_timeout`` s).
     In every other way, and in other modes (one process, a pool, SCOOP), it is pypet's Environment.
 
-    The one place in this module that reaches inside pypet (tested with pypet 0.6.1 and 0.7.0),
-    because pypet offers no public way to give its workers another result channel. It relies on:
+    The one place in this module that calls into pypet's private methods (tested with pypet 0.6.1
+    and 0.7.0), because pypet offers no public way to give its workers another result channel. (Two
+    of pypet's file formats are read elsewhere, each where it is read: its resume files in 6.2, its
+    HDF5 node attributes in 6.4.) It relies on:
       - ``_make_iterator(start_run_idx, copy_data, **kwargs)`` yielding one task dict per run, with
         the result queue under 'result_queue' when forking; pypet forks the worker right after
         taking a task, and its worker function calls ``put`` then ``close`` on that queue;
@@ -1387,7 +1389,7 @@ class ForkingEnvironment(Environment):
 
     @contextlib.contextmanager
     def _workers_in_hand(self):
-        if not _forking.get("registered"):
+        if not _forking["registered"]:
             os.register_at_fork(before=_before_fork, after_in_child=_in_forked_worker)
             _forking["registered"] = True
         if _libc_function("prctl") is None:

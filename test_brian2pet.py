@@ -1,7 +1,9 @@
 """Tests of brian2pet.py (and, further down, of the example clustered_network.py).
 
-Real Brian2 networks on the numpy target, real HDF5 files in pytest's temporary folders.
-Sections follow the module: units, containers, drop-in names, runner, manager.
+Real Brian2 networks on the numpy target, real HDF5 files in pytest's temporary folders, real
+signals and processes. Sections follow the module: units, containers, drop-in names, runner,
+manager; then the example; last, the module's section 6 (long explorations), on a small
+exploration of its own.
 """
 
 import contextlib
