@@ -2567,13 +2567,14 @@ class SignalInRun(NetworkComponent):
                                           (signal.SIGTERM, brian2pet.Terminated)],
                          ids=["ctrl-c", "sigterm"])
 def test_a_run_a_signal_stops_is_never_stored_as_finished_and_resumes(tmp_path, signum, stop):
-    # The small exploration of the manager's tests, in this process, stopped in its second run.
+    # The small exploration of the manager's tests, in this process, stopped in its second run;
+    # with pypet's own Environment, given brian2pet's storage through its storage_service argument.
     filename, resume_folder = str(tmp_path / "stop.hdf5"), str(tmp_path / "resume")
     options = dict(filename=filename, storage_service=brian2pet.CheckpointedHDF5StorageService,
                    log_config=None, log_stdout=False, report_progress=False, resumable=True,
                    resume_folder=resume_folder, delete_resume=False,
                    dynamic_imports=[Brian2Parameter, Brian2MonitorResult])
-    env = brian2pet.ForkingEnvironment(trajectory="exp", **options)
+    env = Environment(trajectory="exp", **options)
     traj = env.trajectory
     traj.f_add_parameter("mode", "none")
     SignalInRun.sent = False
@@ -2590,7 +2591,7 @@ def test_a_run_a_signal_stops_is_never_stored_as_finished_and_resumes(tmp_path, 
         assert [g._v_name for g in h5.iter_nodes("/exp/results/runs")] == ["run_00000000"]
 
     assert brian2pet.prepare_resume(filename, resume_folder, "exp") == 2
-    env = brian2pet.ForkingEnvironment(trajectory="exp", **options)
+    env = Environment(trajectory="exp", **options)
     with brian2pet.stop_cleanly_on_signals():
         env.resume(trajectory_name="exp", resume_folder=resume_folder)
     back = brian2pet.load_nodes(filename, "exp", ("results.runs",))
