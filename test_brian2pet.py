@@ -965,6 +965,30 @@ class DrawsRandom(Cell):  # build(): rand() into a pre-built group, Brian2 seede
         objects[self.name].v = "rand()"
 
 
+class DrawsRandomInPreBuild(Cell):  # pre_build(): rand() into the group it makes, and an operation
+    def make(self, objects):
+        made = super().make(objects)
+        objects[self.name].v = "rand()"
+        objects[self.name].run_regularly("v += 0.05", name=f"{self.name}_op")
+        return made
+
+
+class DrawsRandomInAddAndRemove(Cell):  # rand() before `second` and after `first`
+    def add(self, objects, network, subrun, x):
+        if subrun == "second":
+            objects[self.name].v = "v + rand()"
+
+    def remove(self, objects, network, subrun, x):
+        if subrun == "first":
+            objects[self.name].v = "rand()"
+
+
+class AttachesInPreRun(Cell):  # add_to_network() of the pre-run: run_regularly, kept for the runs
+    def add(self, objects, network, subrun, x):
+        if subrun == "warmup":
+            objects[self.name].run_regularly("v += 0.3", name=f"{self.name}_op")
+
+
 class Noise(Cell):  # draws during the run (xi)
     equations = "dv/dt = -v / (10*ms) + 0.3 * xi / sqrt(10*ms) : 1\ndrive : 1 (shared)\nmu : 1"
     method = "euler"
@@ -1078,7 +1102,9 @@ def matrix_cells():
     return [
         SetsState("state"), SetsShared("shared"), SetsConstant("constant"),
         SetsNamespace("namespace"), AttachesOperation("operation"),
-        AttachesOperation("operation_dt", dt=1 * ms), DrawsRandom("random"), Noise("noise"),
+        AttachesOperation("operation_dt", dt=1 * ms), DrawsRandom("random"),
+        DrawsRandomInPreBuild("random_pre_build"), DrawsRandomInAddAndRemove("random_add_remove"),
+        AttachesInPreRun("attached_in_pre_run"), Noise("noise"),
         PerRunGroup("per_run"), MonitorPerRun("monitor"), PreBuiltMonitor("pre_built_monitor_group"),
         TakenOut("taken_out"), SwitchedOff("switched_off"), SetsStateInAdd("state_in_add"), SetsStateInRemove("state_in_remove"),
         AttachesInAdd("attached_in_add"), EditsSubruns("subruns"), StoresInPreRun("pre_run_store"),
