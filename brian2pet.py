@@ -29,24 +29,32 @@ Beyond the spec (a reader of sections 1-5 needs nothing from here):
 
 Where this module and pypet.brian2 differ, on purpose (everything else is pypet.brian2's behaviour,
 checked by running pypet's own tests of pypet.brian2 against this module):
-  - Several runs in ONE process work. pypet.brian2 keeps one brian_list for its whole life, so a
-    second run hands the first run's objects to a new Network and Brian2 refuses them ("has already
-    been simulated"). Here every run starts from a copy of what pre_build left, and the pre-built
-    objects live in one Network whose state is restored at the start of each run.
+  - A run's numbers depend neither on how the exploration is spread over processes nor on the runs a
+    process simulated before. Every run starts from the same start (the state after pre_build or
+    the pre-run, and one random state) and then build() acts; whatever a run builds, adds or
+    attaches leaves with it (section 5). pypet.brian2 gets there only with a process per run: in
+    one process it fails from the second run on ("has already been simulated"), or, after a
+    pre-run, continues each run's random numbers where the previous run stopped.
   - After a pre-run, the objects that components make in build() are simulated. pypet.brian2
     silently leaves them out of the pre-run network.
+  - Networks run with an empty run namespace: a name that no namespace= defines is an error naming
+    it, never a value Brian2 would find in the runner's own frame.
   - Unit text read back from a file is parsed from a small whitelist, never evaluated: a file may
     come from anyone.
   - Errors name the culprit where pypet.brian2 goes on silently or fails far away: a brian_list
-    item that is not a Brian2 object names its component, a subrun group without durations is an
-    error, explored values of other dimensions or shapes are named, and pre_build happens once
-    (pypet.brian2 builds twice when pre_run_network follows pre_build).
+    item that is not a Brian2 object names its component, an error in a subrun's step names the
+    part that raised it, a subrun group without durations is an error, explored values of other
+    dimensions or shapes are named, and pre_build happens once (pypet.brian2 builds twice when
+    pre_run_network follows pre_build).
 """
 
 import ast
 import contextlib
+import re
 import signal
 import threading
+import uuid
+import weakref
 
 import numpy as np
 from brian2 import (
@@ -55,6 +63,7 @@ from brian2 import (
     PopulationRateMonitor,
     SpikeMonitor,
     StateMonitor,
+    get_device,
     second,
 )
 from brian2.core.base import BrianObject
@@ -537,6 +546,43 @@ def _sigint_noted():
         signal.signal(signal.SIGINT, previous)
 
 
+def _call(step, arguments):
+    """One part's step of a subrun. An error it raises gets a note (PEP 678, shown with the
+    traceback) naming the part, the step and the subrun, e.g. Brian2's refusal to add an object
+    again that this run simulated and took out (switch such an object with its `active` flag)."""
+    try:
+        step(*arguments)
+    except Exception as error:
+        error.add_note(f"raised by {type(step.__self__).__name__}.{step.__name__}() in subrun "
+                       f"`{arguments[2].v_name}`")
+        raise
+
+
+@contextlib.contextmanager
+def _names_resolved():
+    """Turn Brian2's error for a name that no namespace defines into one that says where it goes.
+
+    Brian2 (2.9 and 2.11) wraps the KeyError 'The identifier "x" could not be resolved.' into an
+    error about the object that uses it; the name itself is only in the chained error.
+    """
+    try:
+        yield
+    except Exception as error:
+        cause = error.__cause__
+        unresolved = re.search(r'identifier "(\w+)" could not be resolved', str(cause or ""))
+        if not isinstance(cause, KeyError) or unresolved is None:
+            raise
+        name = unresolved.group(1)
+        owner = re.search(r"object named '([^']+)'", str(error))
+        user = f"`{owner.group(1)}`" if owner else "an object of this network"
+        raise NameError(
+            f"The name `{name}` used by {user} is defined by no namespace. "
+            f"brian2pet runs networks with an empty run namespace, so nothing is taken from the "
+            f"calling frames: pass it where the object is made, e.g. "
+            f"NeuronGroup(..., namespace={{'{name}': ...}})."
+        ) from error
+
+
 class NetworkRunner(NetworkComponent):
     """Simulates a network subrun by subrun. Subclass it to add the duration parameters.
 
@@ -631,20 +677,22 @@ class NetworkRunner(NetworkComponent):
 
             # Step 1, add_to_network: components, then analysers, then the runner itself.
             for component in component_list:
-                component.add_to_network(*arguments)
+                _call(component.add_to_network, arguments)
             for analyser in analyser_list:
-                analyser.add_to_network(*arguments)
-            self.add_to_network(*arguments)
+                _call(analyser.add_to_network, arguments)
+            _call(self.add_to_network, arguments)
 
-            # Step 2, run: simulate for the duration held by the current subrun.
-            # (Brian2 looks up names that a model's namespace lacks in the frame calling run(),
-            # which is this one, never the user's script: components pass constants by namespace=.)
+            # Step 2, run: simulate for the duration held by the current subrun. The run namespace
+            # is empty: Brian2 would otherwise look up a name that no namespace= defines in the
+            # frame calling run(), which is this one and never the user's script, so a model using
+            # `duration` would silently get this function's local variable (_names_resolved).
             duration = current_subrun.f_get()
             self._logger.info(
                 f"Subrun `{current_subrun.v_name}` (#{subrun_number}) for {duration}"
             )
-            with _sigint_noted() as sigint:
-                network.run(duration, report=self._report, report_period=self._report_period)
+            with _sigint_noted() as sigint, _names_resolved():
+                network.run(duration, report=self._report, report_period=self._report_period,
+                            namespace={})
             if sigint:  # Brian2 took Ctrl-C as a stop request; the subrun is not what was asked
                 raise KeyboardInterrupt(
                     f"Ctrl-C stopped subrun `{current_subrun.v_name}` at t = {network.t}, before "
@@ -653,31 +701,105 @@ class NetworkRunner(NetworkComponent):
 
             # Step 3, analyse: every analyser, in the order the manager was given them.
             for analyser in analyser_list:
-                analyser.analyse(*arguments)
+                _call(analyser.analyse, arguments)
 
             # Step 4, remove_from_network: the reverse of step 1 - runner, analysers, components.
-            self.remove_from_network(*arguments)
+            _call(self.remove_from_network, arguments)
             for analyser in analyser_list:
-                analyser.remove_from_network(*arguments)
+                _call(analyser.remove_from_network, arguments)
             for component in component_list:
-                component.remove_from_network(*arguments)
+                _call(component.remove_from_network, arguments)
             subrun_number += 1
 
 
 # ---------------------------------------------------------------------------------------------------
 # 5. The manager (spec 7.2, 7.3): builds networks and hands them to the runner
 #
-# What lives how long (the part pypet.brian2 gets wrong in one process):
-#   - pre_build fills the manager's brian_list and network_dict once. They are never changed after.
-#   - Each run gets its own copies of both, and build() adds that run's objects to the copies only.
-#   - Brian2 refuses to put an object that one Network simulated into another Network. So once
-#     anything is pre-built, all runs share ONE Network holding the pre-built objects: it stores its
-#     state before the first run (or after the pre-run), and each run restores that state, adds its
-#     own objects, runs, and takes everything it added out again.
-#   - With nothing pre-built, every run simply gets a new Network from its own objects.
-# With several processes each run is a forked copy of the manager, so the same code gives the same
-# start state either way.
+# Every run of an exploration starts from the same START, and then build() acts (7.3: "The state
+# after the pre run is preserved for all coming simulation runs"). The start is what the runs met
+# when they began:
+#   - the objects pre_build made, in ONE Network holding what brian_list held after pre_build (plus
+#     whatever the pre-run left in it), in the state they had after pre_build or the pre-run: state
+#     variables (shared and constant ones too), the operations attached to them (run_regularly),
+#     their namespaces and active flags. Brian2 refuses to put an object that one Network simulated
+#     into another, hence one Network, whose state is stored and restored;
+#   - every other object pre_build or the pre-run made (say, a monitor that a component adds only
+#     in some subruns), in its state of then, free to be added to a run's network again;
+#   - the random state of the moment the runs began (see run_network).
+# Whatever a run builds, adds to the network or attaches to a pre-built object leaves with it. With
+# nothing pre-built, each run simply gets a new Network of its own objects.
+#
+# So a run gives the same numbers wherever it runs: in one process after other runs; in a process
+# forked from the main script (pypet's multiprocessing), which sees the start as the main script
+# left it; or in a pickled copy of the manager (SCOOP, pypet's resume), which redoes pre_build and
+# the pre-run once in its process, from the same random state, without storing their results again.
 # ---------------------------------------------------------------------------------------------------
+
+
+def _live_brian_objects():
+    # Brian2 keeps weak references to every BrianObject it makes (Trackable.__instances__, what its
+    # magic network and collect() use), which finds pre-built objects wherever a component keeps
+    # them: in brian_list, network_dict or its own attributes. Tested with Brian2 2.9 and 2.11.
+    return {ref() for ref in BrianObject.__instances__()} - {None}
+
+
+class _Start:
+    """The start of every run when objects are pre-built: takes it, brings it back, tidies up.
+
+    Reaches into Brian2 where Network.store/restore stop (Brian2 2.9 and 2.11): ``_full_state`` and
+    ``_restore_from_full_state`` (what Network.store and restore call on each object) for pre-built
+    objects outside the network, and ``_network``, Brian2's mark that an object was simulated, which
+    makes ``Network.add`` refuse it even in the network that simulated it.
+    """
+
+    def __init__(self, network, pre_built):
+        self.network = network
+        network.store("brian2pet_start")
+        self.members = set(network.objects)
+        in_network = set(network)  # the members and everything they contain
+        self.pre_built = pre_built
+        self.outside = {obj: obj._full_state() for obj in pre_built - in_network
+                        if hasattr(obj, "_full_state")}
+        self.attached = {obj: list(obj.contained_objects) for obj in pre_built}
+        self.active = {obj: obj.active for obj in pre_built}
+        self.namespaces = {obj: (obj.namespace, dict(obj.namespace)) for obj in pre_built
+                           if isinstance(getattr(obj, "namespace", None), dict)}
+
+    def bring_back(self):
+        """Make the network and every pre-built object what they were at the start."""
+        network = self.network
+        self.tidy_up()
+        for obj in self.pre_built - set(network.objects):
+            if obj._network == network.id:  # simulated here by an earlier run, then taken out
+                obj._network = None
+        network.add(*(self.members - set(network.objects)))
+        for obj, state in self.outside.items():
+            obj._restore_from_full_state(state)
+        network.restore("brian2pet_start")
+        for obj, active in self.active.items():
+            obj.active = active
+        for obj, (namespace, entries) in self.namespaces.items():
+            namespace.clear()
+            namespace.update(entries)
+            obj.namespace = namespace
+
+    def tidy_up(self):
+        """Take out of the network what a run added, and off pre-built objects what it attached."""
+        self.network.remove(*(set(self.network.objects) - self.members))
+        for obj, attached in self.attached.items():
+            obj.contained_objects[:] = attached
+
+
+# A pickled copy of a manager (see NetworkManager.__getstate__) redoes pre_build and the pre-run in
+# its process once, not once per run: SCOOP hands every run a new copy, and the copies of one
+# exploration find here the manager that already did it in this process (the original itself, in the
+# main script's process). One exploration at a time: pre_build of a new one forgets the old one.
+_prepared = {}  # {token of an exploration's manager: that manager, or a weak reference to it}
+
+
+def _prepared_manager(token):
+    manager = _prepared.get(token)
+    return manager() if isinstance(manager, weakref.ref) else manager
 
 
 class NetworkManager(HasLogger):
@@ -697,10 +819,13 @@ class NetworkManager(HasLogger):
         self._network_dict = {}  # pre-built shared items only
         self._pre_built = False
         self._pre_run = False
-        self._network = None  # the one network of the pre-built objects, once it exists
-        self._state_name = None  # name of its stored state: "pre_build" or "pre_run"
-        self._pre_built_objects = set()  # what that network holds at its stored state
-        self._redo = None  # in a pickled copy: "pre_build" or "pre_run", to redo before a run
+        self._start = None  # a _Start once objects are pre-built
+        self._random_state = None  # Brian2's random state at the start of every run
+        self._token = uuid.uuid4().hex  # names this exploration's manager and its pickled copies
+        # For a pickled copy: what it must redo ("pre_build", "pre_run" or None), and the random
+        # state and the names of the results and derived parameters when pre_build began.
+        self._redo = None
+        self._before_pre_build = None
         self._set_logger()
 
     def _parts(self):
@@ -714,6 +839,10 @@ class NetworkManager(HasLogger):
 
     def pre_build(self, traj):
         """Build, once, what stays the same in every run (spec 7.3, optional)."""
+        self._pre_build(traj)
+        self._take_start(self._network_constructor(*self._brian_list))
+
+    def _pre_build(self, traj):
         if self._pre_built:
             # pypet.brian2 would build every pre-built object a second time and simulate both.
             raise RuntimeError(
@@ -721,15 +850,30 @@ class NetworkManager(HasLogger):
                 "pre_run_network calls it by itself (call pre_run_network instead of pre_build, "
                 "not after it). Make a new NetworkManager for a new exploration."
             )
+        _prepared.clear()  # a new exploration: a copy of an earlier one is needed no more
+        self._before_pre_build = (get_device().get_random_state(), _added_names(traj))
+        self._objects_before = _live_brian_objects()
         self._call_builders("pre_build", traj, self._brian_list, self._network_dict)
         self._pre_built = True
+
+    def _take_start(self, network):
+        pre_built = _live_brian_objects() - self._objects_before
+        del self._objects_before
+        self._start = _Start(network, pre_built)
+        # A pickled copy of this manager in this process takes over what it made (see _prepared).
+        _prepared[self._token] = self if self._redo_done else weakref.ref(self)
+
+    _redo_done = False  # True in a pickled copy once it redid pre_build (it then keeps itself)
 
     def build(self, traj):
         """Build one run's objects; returns that run's ``(brian_list, network_dict)``.
 
-        Both start as copies of what pre_build made, so nothing built here outlives the run.
+        Both start as copies of what pre_build made, so nothing built here outlives the run. Values
+        of network_dict that are containers or arrays are copied too: a run that changes one in
+        place changes it for itself only.
         """
-        brian_list, network_dict = list(self._brian_list), dict(self._network_dict)
+        brian_list = list(self._brian_list)
+        network_dict = {key: _own_copy(value) for key, value in self._network_dict.items()}
         self._call_builders("build", traj, brian_list, network_dict)
         return brian_list, network_dict
 
@@ -749,75 +893,109 @@ class NetworkManager(HasLogger):
 
     def pre_run_network(self, traj):
         """Pre-build, then simulate the pre-durations once; every run starts from that state."""
-        self.pre_build(traj)
+        self._pre_build(traj)
         self._logger.info("Pre-running the network")
         network = self._network_constructor(*self._brian_list)
         self.network_runner.execute_network_pre_run(
             traj, network, self._network_dict, self.components, self.analysers
         )
-        self._keep_network(network, state_name="pre_run")
         self._pre_run = True
+        self._take_start(network)
 
     def run_network(self, traj):
-        """One run of the exploration: pass this to ``Environment.run`` (spec 7.3)."""
+        """One run of the exploration: pass this to ``Environment.run`` (spec 7.3).
+
+        Every run starts from the start described above (section 5) and the same random state:
+        Brian2's, as it was when the first run began (in the main script's process, or when pypet
+        pickled this manager for SCOOP or resume). Runs therefore draw the same random numbers
+        unless they seed themselves, e.g. ``brian2.seed(traj.trial)`` in a build() with an
+        explored parameter ``trial``. Spread over processes or not, a run's numbers are the same.
+        """
         if self._redo is not None:
-            # A pickled copy (see __getstate__), in its new process: first redo what the original
-            # did before the runs, so this run starts from the same objects and state.
-            redo, self._redo = self._redo, None
-            self._logger.info(f"Redoing the original manager's {redo} in this process")
-            if redo == "pre_run":
-                self.pre_run_network(traj)
-            else:
-                self.pre_build(traj)
+            self._redo_in_this_process(traj)
+        if self._random_state is None:
+            self._random_state = get_device().get_random_state()
+        if self._start is not None:
+            self._start.bring_back()
+        get_device().set_random_state(self._random_state)
+
         brian_list, network_dict = self.build(traj)
         self._log_explored_values(traj)
-        network = self._network_for_run(brian_list)
+        if self._start is None:
+            network = self._network_constructor(*brian_list)
+        else:
+            network = self._start.network
+            network.add(*[obj for obj in brian_list if obj not in self._start.members])
         try:
             self.network_runner.execute_network_run(
                 traj, network, network_dict, self.components, self.analysers
             )
         finally:
-            if network is self._network:
-                # Whatever this run added (its built objects, monitors left in) leaves with it.
-                network.remove(*(set(network.objects) - self._pre_built_objects))
-
-    def _network_for_run(self, brian_list):
-        if not self._pre_built:
-            return self._network_constructor(*brian_list)
-        if self._network is None:
-            # First run after pre_build (no pre-run): the pre-built objects get their one network.
-            self._keep_network(self._network_constructor(*self._brian_list), state_name="pre_build")
-        self._network.restore(self._state_name)
-        self._network.add(*[obj for obj in brian_list if obj not in self._pre_built_objects])
-        return self._network
-
-    def _keep_network(self, network, state_name):
-        network.store(state_name)
-        self._network, self._state_name = network, state_name
-        self._pre_built_objects = set(network.objects)
+            if self._start is not None:
+                self._start.tidy_up()
 
     def __getstate__(self):
         # pypet pickles the run function, and with it this manager, for resumable explorations and
-        # for SCOOP workers. Brian2 objects do not survive pickling, so a copy travels without what
-        # pre_build and the pre-run made, and instead remembers to redo them itself before its
-        # first run (run_network). Skipping the pre-run would start every run from the wrong state.
-        # The redo happens in the copy's process with the run's trajectory: it gives the same
-        # objects and state when the components seed their random draws from parameters (as
-        # clustered_network.py's do) and read no explored parameter in pre_build or the pre-run,
-        # which by the spec's meaning (7.3) are the same for every run anyway. (A result added
-        # during the pre-run would be added again, now to the copy's first run.)
+        # for SCOOP workers. Most Brian2 objects cannot be pickled: a copy travels without what
+        # pre_build and the pre-run made and redoes them in its process before its first run. The
+        # runs' random state is fixed now, if no run fixed it yet, so that copies and original agree.
+        if self._random_state is None:
+            self._random_state = get_device().get_random_state()
         state = dict(super().__getstate__())
         done = "pre_run" if self._pre_run else "pre_build" if self._pre_built else None
-        state.update(
-            _brian_list=[], _network_dict={}, _pre_built=False, _pre_run=False, _network=None,
-            _state_name=None, _pre_built_objects=set(), _redo=self._redo or done,
-        )
+        state.update(_brian_list=[], _network_dict={}, _pre_built=False, _pre_run=False,
+                     _start=None, _redo=self._redo or done)
         return state
+
+    def _redo_in_this_process(self, traj):
+        """In a pickled copy: make what the original made before its runs, once per process.
+
+        The redo sees what the original's pre_build saw: the parameters' default values (run
+        index -1), the results and derived parameters of then, and the same random state. It works
+        on a copy of the trajectory, so that what pre_build and the pre-run add to it (the pre-run's
+        analysers' results, stored with the original trajectory already) is not stored again.
+        """
+        redo, self._redo = self._redo, None
+        prepared = _prepared_manager(self._token)
+        if prepared is not None and prepared._start is not None:
+            self._logger.info(f"Taking over the {redo} made in this process")
+            self._brian_list, self._network_dict = prepared._brian_list, prepared._network_dict
+            self._start, self._pre_built, self._pre_run = prepared._start, True, prepared._pre_run
+            return
+        self._logger.info(f"Redoing the original manager's {redo} in this process")
+        random_state, names = self._before_pre_build
+        as_before = traj.f_copy(copy_leaves="explored")
+        as_before.f_restore_default()
+        for name in _added_names(as_before) - names:
+            as_before.f_remove_item(name)
+        get_device().set_random_state(random_state)
+        self._redo_done = True
+        if redo == "pre_run":
+            self.pre_run_network(as_before)
+        else:
+            self.pre_build(as_before)
 
     def _log_explored_values(self, traj):
         explored = traj.f_get_explored_parameters(copy=False)
         values = ", ".join(f"{p.v_full_name} = {p.f_val_to_str()}" for p in explored.values())
         self._logger.info(f"Running the network, run {traj.v_idx}: {values or 'nothing explored'}")
+
+
+def _added_names(traj):
+    """Full names of the results and derived parameters that ``traj`` holds."""
+    return set(traj.f_get_results(copy=False)) | set(traj.f_get_derived_parameters(copy=False))
+
+
+def _own_copy(value):
+    """A run's own copy of a network_dict value: lists, tuples, dicts, sets and arrays (nested too)
+    are copied; Brian2 objects and anything else are shared."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if type(value) in (list, tuple, set):
+        return type(value)(_own_copy(item) for item in value)
+    if type(value) is dict:
+        return {key: _own_copy(item) for key, item in value.items()}
+    return value
 
 
 # ===================================================================================================
