@@ -1227,11 +1227,13 @@ class StandaloneNetworkManager(NetworkManager):
         device.build(directory=self.directory, run=False, with_output=False)
         self._logger.info(f"Compiled the exploration's program in {time.time() - started:.1f} s")
         if pre_run:
+            # The pre-run is analysed from an execution of the first run, whose results stay for
+            # that run's analysers: analysing the pre-run costs no execution of its own.
             traj.v_idx = 0
             run_values, _ = self._build_run(traj)
             traj.f_restore_default()
-            self._execute("results_pre_run", run_values, traj, network, self._network_dict,
-                          noted_pre_run)
+            self._run_program("results_0", run_values)
+            self._analyse(traj, network, self._network_dict, noted_pre_run)
 
     def _build_run(self, traj, check_reads=False):
         """The run's build() on the program's objects: returns its run values and network_dict."""
@@ -1273,15 +1275,26 @@ class StandaloneNetworkManager(NetworkManager):
             )
         run_values, network_dict = self._build_run(traj)
         self._log_explored_values(traj)
-        self._execute(f"results_{traj.v_idx}", run_values, traj, self._program["network"],
-                      network_dict, self._program["noted"])
+        results = f"results_{traj.v_idx}"
+        if self._results != results:  # else pre_run_network ran this run already
+            self._run_program(results, run_values)
+        try:
+            self._analyse(traj, self._program["network"], network_dict, self._program["noted"])
+        finally:
+            shutil.rmtree(os.path.join(self.directory, results), ignore_errors=True)
+            self._results = None
 
-    def _execute(self, results, run_values, traj, network, network_dict, noted):
-        """Run the program with ``run_values`` into ``results``, then analyse the noted subruns."""
+    _results = None  # the results directory the device reads now
+
+    def _run_program(self, results, run_values):
         get_device().run(directory=self.directory, results_directory=results,
                          run_args=run_values, with_output=False)
+        self._results = results
+
+    def _analyse(self, traj, network, network_dict, noted):
+        """Step 3 of every noted subrun, in order, now that the program ran (section 7)."""
+        remaining = [subrun for subrun, _ in noted]
         try:
-            remaining = [subrun for subrun, _ in noted]
             for subrun, end in noted:
                 if all(subrun is not other for other in remaining):
                     continue  # an analyser took it out of subrun_list
@@ -1299,12 +1312,11 @@ class StandaloneNetworkManager(NetworkManager):
                         )
                     remaining = subrun_list
         finally:
-            network.t_ = noted[-1][1] if noted else network.t_
-            shutil.rmtree(os.path.join(self.directory, results), ignore_errors=True)
+            network.t_ = self._program["noted"][-1][1]
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_program"] = None
+        state.update(_program=None, _results=None)
         return state
 
 

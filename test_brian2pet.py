@@ -1466,12 +1466,18 @@ class FixedSpikes(NetworkAnalyser):
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
         if self.scenario == "read in add_to_network":
             network_dict["drive seen"] = traj.drive
+        if current_subrun.v_name == "warmup":  # the pre-run's own monitor, out again after it
+            network_dict["warmup"] = StateMonitor(network_dict["group"], "v", record=[0, 6],
+                                                  name="warmup_v")
+            network.add(network_dict["warmup"])
         if current_subrun.v_name == "measure":
             network_dict["monitor"] = SpikeMonitor(network_dict["group"], name="fixed_spikes")
             network.add(network_dict["monitor"])
 
     def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
-        if current_subrun.v_name == "measure":
+        if current_subrun.v_name == "warmup":
+            traj.f_add_result("warmup", v=np.asarray(network_dict["warmup"].v), t_end=float(network.t / ms))
+        elif current_subrun.v_name == "measure":
             traj.f_add_result(Brian2MonitorResult, "spikes", network_dict["monitor"])
             traj.f_add_result("t_end", float(network.t / ms))
         elif self.scenario == "adds a subrun":
@@ -1482,8 +1488,13 @@ class FixedSpikes(NetworkAnalyser):
 
 class FixedRunner(NetworkRunner):
     def add_parameters(self, traj):
+        traj.f_add_parameter(Brian2Parameter, "simulation.pre_durations.warmup", 10 * ms).v_annotations.order = 0
         traj.f_add_parameter(Brian2Parameter, "simulation.durations.init", 20 * ms).v_annotations.order = 0
         traj.f_add_parameter(Brian2Parameter, "simulation.durations.measure", 50 * ms).v_annotations.order = 1
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "warmup":
+            network.remove(network_dict["warmup"])
 
 
 def run_standalone_scenario(scenario, device, ncores, folder):
@@ -1505,7 +1516,7 @@ def run_standalone_scenario(scenario, device, ncores, folder):
     traj.f_explore({"size": [10, 12, 14]} if scenario == "explored size"
                    else {"drive": STANDALONE_DRIVES})
     try:
-        manager.pre_build(traj)
+        (manager.pre_run_network if scenario == "pre-run" else manager.pre_build)(traj)
     except RuntimeError as error:
         return {"refused": str(error)}
     compiled = os.stat(os.path.join(program, "main")).st_mtime_ns if device != "runtime" else None
@@ -1524,7 +1535,12 @@ def run_standalone_scenario(scenario, device, ncores, folder):
                      "t_init": back.f_get(f"results.runs.{name}.t_init").f_get(),
                      "t_end": back.f_get(f"results.runs.{name}.t_end").f_get()})
     unchanged = device == "runtime" or compiled == os.stat(os.path.join(program, "main")).st_mtime_ns
+    warmup = back.f_get("results.warmup") if back.f_contains("results.warmup") else None
     return {"runs": runs, "program unchanged by the runs": unchanged,
+            "pre-run": None if warmup is None else {"v": np.asarray(warmup.v).tolist(),
+                                                    "t_end": warmup.t_end},
+            "results": sorted(leaf.v_full_name for leaf in back.f_iter_leaves()
+                              if leaf.v_full_name.startswith("results.")),
             "results left": sorted(p for p in os.listdir(program) if p.startswith("results_"))
             if device != "runtime" else []}
 
@@ -1544,18 +1560,29 @@ def standalone_scenario(folder, scenario, device="cpp_standalone", ncores=1):
     return (json.loads(lines[-1]) if done.returncode == 0 and lines else None), done.stderr
 
 
-@pytest.mark.parametrize("ncores", [1, 2])
-def test_standalone_gives_the_runtime_spikes_for_every_explored_value(standalone_folder, ncores):
-    runtime, stderr = standalone_scenario(standalone_folder, "deterministic", "runtime")
+@pytest.mark.parametrize("scenario, ncores", [("deterministic", 1), ("deterministic", 2),
+                                              ("pre-run", 1), ("pre-run", 2)])
+def test_standalone_gives_the_runtime_spikes_for_every_explored_value(standalone_folder, scenario,
+                                                                      ncores):
+    runtime, stderr = standalone_scenario(standalone_folder, scenario, "runtime")
     assert runtime is not None, stderr[-3000:]
-    standalone, stderr = standalone_scenario(standalone_folder, "deterministic", ncores=ncores)
+    standalone, stderr = standalone_scenario(standalone_folder, scenario, ncores=ncores)
     assert standalone is not None, stderr[-3000:]
     assert standalone["runs"] == runtime["runs"]
     counts = [len(run["t"]) for run in standalone["runs"]]
     assert counts[0] < counts[1] < counts[2], counts  # the explored drive reached the program
     # Analysers see the network time at the end of the subrun they analyse, as in runtime mode.
-    assert [(run["t_init"], run["t_end"]) for run in standalone["runs"]] == [(20.0, 70.0)] * 3
-    assert standalone["program unchanged by the runs"]  # compiled once, by pre_build
+    start = 10.0 if scenario == "pre-run" else 0.0
+    assert [(run["t_init"], run["t_end"]) for run in standalone["runs"]] == [
+        (start + 20, start + 70)] * 3
+    # After a pre-run, every run starts from its state (the spikes above), and it was analysed
+    # and stored once.
+    assert (standalone["pre-run"] is not None) == (scenario == "pre-run")
+    if scenario == "pre-run":  # numpy's and C++'s exp() may differ in the last bit
+        np.testing.assert_allclose(standalone["pre-run"]["v"], runtime["pre-run"]["v"], rtol=1e-12)
+        assert standalone["pre-run"]["t_end"] == runtime["pre-run"]["t_end"] == 10.0
+    assert standalone["results"] == runtime["results"]
+    assert standalone["program unchanged by the runs"]  # compiled once, before the runs
     assert standalone["results left"] == []
 
 
