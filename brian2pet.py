@@ -26,6 +26,9 @@ Beyond the spec (a reader of sections 1-5 needs nothing from here):
                             forked workers that die with the sweep (ForkingEnvironment); files from
                             elsewhere loaded without running anything (load_nodes); SCOOP's exit
                             status (run_command)
+  7. Standalone devices     compile once, sweep many: StandaloneNetworkManager runs an exploration
+                            on Brian2's cpp_standalone (or a device built on it), one compiled
+                            program for all runs, each run one execution with its own values
 
 Where this module and pypet.brian2 differ, on purpose (everything else is pypet.brian2's behaviour,
 checked by running pypet's own tests of pypet.brian2 against this module):
@@ -107,6 +110,8 @@ __all__ = [
     "check_file",
     "load_nodes",
     "run_command",
+    # 7. Standalone devices (beyond the spec)
+    "StandaloneNetworkManager",
 ]
 
 
@@ -651,9 +656,13 @@ class NetworkRunner(NetworkComponent):
         return [by_order[order] for order in sorted(by_order)]
 
     def _execute_network_run(
-        self, traj, network, network_dict, component_list, analyser_list, pre_run=False
+        self, traj, network, network_dict, component_list, analyser_list, pre_run=False,
+        noted=None,
     ):
         """Run every subrun through the four steps of spec 7.5 (figure 'network run').
+
+        ``noted``: on a standalone device (section 7) nothing runs yet, so instead of step 3 each
+        subrun is appended here with the time it ends at, to be analysed once the binary ran.
 
         Stopped early, a subrun is analysed only if the model asked for it:
 
@@ -700,8 +709,11 @@ class NetworkRunner(NetworkComponent):
                 )
 
             # Step 3, analyse: every analyser, in the order the manager was given them.
-            for analyser in analyser_list:
-                _call(analyser.analyse, arguments)
+            if noted is not None:
+                noted.append((current_subrun, network.t_))
+            else:
+                for analyser in analyser_list:
+                    _call(analyser.analyse, arguments)
 
             # Step 4, remove_from_network: the reverse of step 1 - runner, analysers, components.
             _call(self.remove_from_network, arguments)
@@ -839,8 +851,8 @@ class NetworkManager(HasLogger):
 
     def pre_build(self, traj):
         """Build, once, what stays the same in every run (spec 7.3, optional)."""
-        self._pre_build(traj)
-        self._take_start(self._network_constructor(*self._brian_list))
+        objects_before = self._pre_build(traj)
+        self._take_start(self._network_constructor(*self._brian_list), objects_before)
 
     def _pre_build(self, traj):
         if self._pre_built:
@@ -851,15 +863,14 @@ class NetworkManager(HasLogger):
                 "not after it). Make a new NetworkManager for a new exploration."
             )
         _prepared.clear()  # a new exploration: a copy of an earlier one is needed no more
-        self._before_pre_build = (get_device().get_random_state(), _added_names(traj))
-        self._objects_before = _live_brian_objects()
+        self._before_pre_build = (_random_state(), _added_names(traj))
+        objects_before = _live_brian_objects()
         self._call_builders("pre_build", traj, self._brian_list, self._network_dict)
         self._pre_built = True
+        return objects_before
 
-    def _take_start(self, network):
-        pre_built = _live_brian_objects() - self._objects_before
-        del self._objects_before
-        self._start = _Start(network, pre_built)
+    def _take_start(self, network, objects_before):
+        self._start = _Start(network, _live_brian_objects() - objects_before)
         # A pickled copy of this manager in this process takes over what it made (see _prepared).
         _prepared[self._token] = self if self._redo_done else weakref.ref(self)
 
@@ -877,8 +888,8 @@ class NetworkManager(HasLogger):
         self._call_builders("build", traj, brian_list, network_dict)
         return brian_list, network_dict
 
-    def _call_builders(self, method_name, traj, brian_list, network_dict):
-        for part in self._parts():
+    def _call_builders(self, method_name, traj, brian_list, network_dict, parts=None):
+        for part in self._parts() if parts is None else parts:
             getattr(part, method_name)(traj, brian_list, network_dict)
             # Check at once, while we still know whom to blame; Network() would fail much later
             # and far from the component that caused it.
@@ -893,14 +904,14 @@ class NetworkManager(HasLogger):
 
     def pre_run_network(self, traj):
         """Pre-build, then simulate the pre-durations once; every run starts from that state."""
-        self._pre_build(traj)
+        objects_before = self._pre_build(traj)
         self._logger.info("Pre-running the network")
         network = self._network_constructor(*self._brian_list)
         self.network_runner.execute_network_pre_run(
             traj, network, self._network_dict, self.components, self.analysers
         )
         self._pre_run = True
-        self._take_start(network)
+        self._take_start(network, objects_before)
 
     def run_network(self, traj):
         """One run of the exploration: pass this to ``Environment.run`` (spec 7.3).
@@ -914,10 +925,10 @@ class NetworkManager(HasLogger):
         if self._redo is not None:
             self._redo_in_this_process(traj)
         if self._random_state is None:
-            self._random_state = get_device().get_random_state()
+            self._random_state = _random_state()
         if self._start is not None:
             self._start.bring_back()
-        get_device().set_random_state(self._random_state)
+        _set_random_state(self._random_state)
 
         brian_list, network_dict = self.build(traj)
         self._log_explored_values(traj)
@@ -940,7 +951,7 @@ class NetworkManager(HasLogger):
         # pre_build and the pre-run made and redoes them in its process before its first run. The
         # runs' random state is fixed now, if no run fixed it yet, so that copies and original agree.
         if self._random_state is None:
-            self._random_state = get_device().get_random_state()
+            self._random_state = _random_state()
         state = dict(super().__getstate__())
         done = "pre_run" if self._pre_run else "pre_build" if self._pre_built else None
         state.update(_brian_list=[], _network_dict={}, _pre_built=False, _pre_run=False,
@@ -968,7 +979,7 @@ class NetworkManager(HasLogger):
         as_before.f_restore_default()
         for name in _added_names(as_before) - names:
             as_before.f_remove_item(name)
-        get_device().set_random_state(random_state)
+        _set_random_state(random_state)
         self._redo_done = True
         if redo == "pre_run":
             self.pre_run_network(as_before)
@@ -979,6 +990,20 @@ class NetworkManager(HasLogger):
         explored = traj.f_get_explored_parameters(copy=False)
         values = ", ".join(f"{p.v_full_name} = {p.f_val_to_str()}" for p in explored.values())
         self._logger.info(f"Running the network, run {traj.v_idx}: {values or 'nothing explored'}")
+
+
+def _random_state():
+    """Brian2's random state: numpy's generator and Brian2's buffers of random numbers. None on a
+    device whose generator lives outside Python (the standalone devices, section 7)."""
+    try:
+        return get_device().get_random_state()
+    except NotImplementedError:
+        return None
+
+
+def _set_random_state(state):
+    if state is not None:
+        get_device().set_random_state(state)
 
 
 def _added_names(traj):
@@ -1884,3 +1909,341 @@ def _fail_scoop_command():
     sys.stderr.flush()
     os.kill(launch, signal.SIGTERM)
     os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Compile once, sweep many: Brian2's standalone devices
+#
+# In runtime mode (sections 4 and 5) Python steps the network. Brian2's standalone devices instead
+# turn a whole simulation into one program: cpp_standalone compiles it with a C++ compiler, and
+# brian2cuda's cuda_standalone and brian2genn build on it. The program takes values for variables
+# on its command line (Brian2's run_args), so ONE compiled binary serves every run of an
+# exploration that changes only values. StandaloneNetworkManager does that with the spec's steps:
+#
+#   pre_build / pre_run_network   pre_build as in 7.3, and (pre_run_network) the pre-run; then the
+#                                 first run's build() and its subruns (add_to_network, run,
+#                                 remove_from_network) are recorded into the program; then every
+#                                 run's build() is checked, and the program compiled, once.
+#   run_network (every run)       build() acts, its values become the run's run_args, the program
+#                                 runs in a results directory of its own (processes side by side),
+#                                 then the analysers analyse the recorded subruns in order.
+#
+# What build() sets on a whole variable with a number or an array (`group.var = value`) becomes a
+# run value: it never enters the program, and the program takes the run's values at one point, just
+# before the run's build() (after pre_build and the pre-run). Everything else is compiled in:
+# objects build() makes are the first run's (make them when missing from network_dict, as
+# `if 'stimulus' not in network_dict:`); values set by expressions, on part of a variable or on
+# synapses, seeds and namespaces must be the same in every run; the subrun steps see the first
+# run's parameters. An explored parameter that would change the program is refused, naming it,
+# before anything compiles: read by add_to_network or remove_from_network of the first run, or read
+# by a build() to make objects (read in the first run's build(), but not by the builds that set
+# values). Differences from runtime mode, as the standalone devices allow no other:
+#   - The analysers run after the program: network.t is the end of the subrun they analyse, but a
+#     group's state and a monitor's data are what they hold at the end of the run.
+#   - Emptying subrun_list in analyse() leaves the later subruns unanalysed, though they were
+#     simulated; adding a subrun there is an error naming the analyser.
+#   - Every run starts from the pre-run's state because the program simulates the pre-run anew each
+#     time, with the same seed; pre_run_network runs the program once to analyse the pre-run.
+#   - Every execution seeds the program's generator alike (the script's brian2.seed, else a number
+#     drawn once), so runs draw the same random numbers; seeding per run cannot reach a program.
+#   - A pickled copy of the manager (pypet's resume) records and compiles again in its process
+#     (make reuses what did not change); SCOOP's workers would compile one program each.
+# ---------------------------------------------------------------------------------------------------
+
+
+# Imported here rather than at the top: sections 1-5 need none of it.
+import hashlib  # noqa: E402
+
+from brian2.core.variables import VariableView  # noqa: E402
+
+
+def _standalone_device():
+    """The active Brian2 device, if it is a standalone one that builds when told (else an error)."""
+    from brian2.devices.cpp_standalone.device import CPPStandaloneDevice
+
+    device = get_device()
+    if not isinstance(device, CPPStandaloneDevice) or device.build_on_run:
+        raise RuntimeError(
+            "StandaloneNetworkManager needs a standalone device that builds when told: call "
+            "brian2.set_device('cpp_standalone', build_on_run=False) before making the manager."
+        )
+    return device
+
+
+@contextlib.contextmanager
+def _run_values_taken(record_others, existing):
+    """Inside, setting a whole fixed-size variable of an object in ``existing`` (names) to a number
+    or an array is noted in ``taken`` (the run values) instead of done; any other set of theirs (an
+    expression, part of a variable, a synaptic variable) is noted in ``others``. Sets are recorded
+    into the program if ``record_others``, as are those of objects made inside the block.
+
+    Reaches into Brian2 (2.9 and 2.11): every set of a variable, `group.v = ...` and
+    `group.v[...] = ...`, goes through VariableView.set_item, replaced for the block.
+    """
+    taken, others = [], []
+    set_item = VariableView.set_item
+
+    def note(view, item, value, level=0, namespace=None):
+        variable = view.variable
+        whole = (isinstance(item, str) and item == "True") or (
+            isinstance(item, slice) and item == slice(None))
+        if view.group_name in existing:
+            if whole and not isinstance(value, str) and not (variable.dynamic or variable.read_only):
+                taken.append((view, value))
+                return
+            where = "" if whole else f"[{_fingerprint(item)}]"
+            others.append((f"{view.group_name}.{view.name}{where}", _fingerprint(value)))
+        if record_others:
+            set_item(view, item, value, level=level + 1, namespace=namespace)
+
+    VariableView.set_item = note
+    try:
+        yield taken, others
+    finally:
+        VariableView.set_item = set_item
+
+
+def _fingerprint(value):
+    """Text that tells two set values (or indices) apart; arrays by their bytes, not their repr."""
+    if isinstance(value, np.ndarray):
+        return f"{value.shape} {value.dtype} {hashlib.md5(np.ascontiguousarray(value)).hexdigest()}"
+    return repr(value)
+
+
+@contextlib.contextmanager
+def _explored_reads(traj):
+    """Inside, the full names of the explored parameters whose value is read are collected.
+
+    Reaches into pypet (0.6.1 and 0.7.0): parameters give their value through Parameter.f_get
+    (also behind natural naming, `traj.R_ee`), replaced for the block.
+    """
+    explored = set(traj.f_get_explored_parameters(copy=False))
+    reads = set()
+    f_get = Parameter.f_get
+
+    def noted_f_get(parameter):
+        if parameter.v_full_name in explored:
+            reads.add(parameter.v_full_name)
+        return f_get(parameter)
+
+    Parameter.f_get = noted_f_get
+    try:
+        yield reads
+    finally:
+        Parameter.f_get = f_get
+
+
+class _RunBuild:
+    """What the parts' build() did in one run: per part (by class name), the explored parameters it
+    read, the run values it set (taken), what else it did that a program compiles (other sets, seeds,
+    namespaces changed: ``compiled``, as (what, fingerprint) pairs) and the objects it made.
+
+    ``first``: the build of the first run, which makes the program (its compiled steps are recorded).
+    The other builds only note; ``namespaces`` are the program's, which they must leave as they are.
+    """
+
+    def __init__(self, manager, traj, brian_list, network_dict, first, namespaces=()):
+        self.reads, self.taken, self.compiled, self.made = {}, {}, {}, {}
+        device = get_device()
+        for part in manager._parts():
+            before = _live_brian_objects()
+            seeds, seed = [], device.seed
+            device.seed = (lambda value=None: (seeds.append(value), seed(value))) if first else (
+                seeds.append)
+            try:
+                existing = {obj.name for obj in before}
+                with _explored_reads(traj) as reads, _run_values_taken(first, existing) as (
+                        taken, others):
+                    manager._call_builders("build", traj, brian_list, network_dict, parts=[part])
+            finally:
+                del device.seed  # the device's own method again
+            compiled = others + [("the seed", repr(value)) for value in seeds]
+            for obj, entries in dict(namespaces).items():
+                if obj.namespace != entries:
+                    compiled.append((f"the namespace of {obj.name}", "changed"))
+                    obj.namespace.clear()
+                    obj.namespace.update(entries)
+            name = type(part).__name__
+            self.reads[name], self.taken[name], self.compiled[name] = reads, taken, compiled
+            self.made[name] = _live_brian_objects() - before
+
+    def run_values(self):
+        return {view: value for taken in self.taken.values() for view, value in taken}
+
+
+class StandaloneNetworkManager(NetworkManager):
+    """A NetworkManager for Brian2's standalone devices: compile once, run the binary per run.
+
+    Use it as NetworkManager after ``brian2.set_device('cpp_standalone', build_on_run=False)``;
+    call ``pre_build(traj)`` or ``pre_run_network(traj)`` before ``env.run``: they record and
+    compile the exploration's program (section 7 above says how, and what differs). ``directory``
+    holds the program and, while a run's analysers read them, its results (``results_<run>``).
+    """
+
+    def __init__(self, network_runner, component_list, analyser_list=(), network_constructor=None,
+                 directory="standalone"):
+        super().__init__(network_runner, component_list, analyser_list, network_constructor)
+        self.directory = directory
+        self._program = None  # once compiled: the network, its dict and noted subruns, per part
+
+    def pre_build(self, traj):
+        """Pre-build, record the first run and compile the program (section 7)."""
+        self._compile(traj, pre_run=False)
+
+    def pre_run_network(self, traj):
+        """Pre-build, record the pre-run and the first run, compile, and analyse the pre-run."""
+        self._compile(traj, pre_run=True)
+
+    def _compile(self, traj, pre_run):
+        device = _standalone_device()
+        if not any(entry[0] == "seed" for entry in device.main_queue):
+            # Without a seed the program would seed itself differently at every execution. The
+            # number is drawn without moving numpy's generator (Brian2 2.9 and 2.11: main_queue
+            # lists what the program will do, in order).
+            state = np.random.get_state()
+            device.seed(int(np.random.randint(2**31 - 1)))
+            np.random.set_state(state)
+        self._pre_build(traj)
+        network = self._network_constructor(*self._brian_list)
+        noted_pre_run = []
+        if pre_run:
+            # Brian2 applies run values before the first Network.run unless told it did: they must
+            # come after the pre-run, which is the same in every run (Brian2 2.9 and 2.11).
+            device.run_args_applied = True
+            self.network_runner._execute_network_run(
+                traj, network, self._network_dict, self.components, self.analysers,
+                pre_run=True, noted=noted_pre_run,
+            )
+            device.insert_code("main", "set_from_command_line(args);")
+            self._pre_run = True
+        else:
+            device.apply_run_args()
+
+        # The first run's build() makes the program's objects; its values are taken, not compiled.
+        traj.v_idx = 0
+        brian_list = list(self._brian_list)
+        network_dict = {key: _own_copy(value) for key, value in self._network_dict.items()}
+        first = _RunBuild(self, traj, brian_list, network_dict, first=True)
+        network.add(*[obj for obj in brian_list if obj not in network.objects])
+        noted = []
+        with _explored_reads(traj) as reads:
+            self.network_runner._execute_network_run(
+                traj, network, network_dict, self.components, self.analysers, noted=noted
+            )
+        if reads:
+            raise _cannot_reach(reads, "is read by a subrun's add_to_network or "
+                                       "remove_from_network, which are compiled once")
+        namespaces = {obj: dict(obj.namespace) for obj in network
+                      if isinstance(getattr(obj, "namespace", None), dict)}
+        self._program = dict(network=network, network_dict=network_dict, noted=noted, first=first,
+                             brian_list=brian_list, namespaces=namespaces)
+        # Every run's build() before anything compiles: same objects, same compiled sets.
+        for index in range(len(traj)):
+            traj.v_idx = index
+            self._build_run(traj, check_reads=True)
+        traj.f_restore_default()
+
+        started = time.time()
+        device.build(directory=self.directory, run=False, with_output=False)
+        self._logger.info(f"Compiled the exploration's program in {time.time() - started:.1f} s")
+        if pre_run:
+            # The pre-run is analysed from an execution of the first run, whose results stay for
+            # that run's analysers: analysing the pre-run costs no execution of its own.
+            traj.v_idx = 0
+            run_values, _ = self._build_run(traj)
+            traj.f_restore_default()
+            self._run_program("results_0", run_values)
+            self._analyse(traj, network, self._network_dict, noted_pre_run)
+
+    def _build_run(self, traj, check_reads=False):
+        """The run's build() on the program's objects: returns its run values and network_dict."""
+        program = self._program
+        brian_list = list(program["brian_list"])
+        network_dict = {key: _own_copy(value) for key, value in program["network_dict"].items()}
+        run = _RunBuild(self, traj, brian_list, network_dict, first=False,
+                        namespaces=program["namespaces"])
+        first = program["first"]
+        for name in run.reads:
+            if check_reads and first.reads[name] - run.reads[name]:
+                raise _cannot_reach(first.reads[name] - run.reads[name],
+                                    f"is read by {name}.build() to make objects")
+            if run.made[name]:
+                made = ", ".join(sorted(obj.name for obj in run.made[name]))
+                raise RuntimeError(
+                    f"{name}.build() made {made} in run {traj.v_idx}, though the program already "
+                    f"holds the first run's objects. On a standalone device make objects in build() "
+                    f"only when they are missing from network_dict, e.g. if 'x' not in network_dict."
+                )
+            if run.compiled[name] != first.compiled[name]:
+                what = sorted(set(run.compiled[name]) ^ set(first.compiled[name]))[0][0]
+                raise RuntimeError(
+                    f"{name}.build() sets {what} differently in run {traj.v_idx} than in the first "
+                    f"run, but the program holds the first run's: only a whole variable set to a "
+                    f"number or an array becomes a run value. Use a variable "
+                    f"('x : 1 (shared, constant)') set in build() for what changes from run to run."
+                )
+        return run.run_values(), network_dict
+
+    def run_network(self, traj):
+        """One run: build() acts, the program runs with the run's values, the analysers analyse."""
+        if self._redo is not None:
+            self._redo_in_this_process(traj)
+        if self._program is None:
+            raise RuntimeError(
+                "On a standalone device call pre_build(traj) or pre_run_network(traj) before "
+                "env.run: they compile the exploration's program once for all runs."
+            )
+        run_values, network_dict = self._build_run(traj)
+        self._log_explored_values(traj)
+        results = f"results_{traj.v_idx}"
+        if self._results != results:  # else pre_run_network ran this run already
+            self._run_program(results, run_values)
+        try:
+            self._analyse(traj, self._program["network"], network_dict, self._program["noted"])
+        finally:
+            shutil.rmtree(os.path.join(self.directory, results), ignore_errors=True)
+            self._results = None
+
+    _results = None  # the results directory the device reads now
+
+    def _run_program(self, results, run_values):
+        get_device().run(directory=self.directory, results_directory=results,
+                         run_args=run_values, with_output=False)
+        self._results = results
+
+    def _analyse(self, traj, network, network_dict, noted):
+        """Step 3 of every noted subrun, in order, now that the program ran (section 7)."""
+        remaining = [subrun for subrun, _ in noted]
+        try:
+            for subrun, end in noted:
+                if all(subrun is not other for other in remaining):
+                    continue  # an analyser took it out of subrun_list
+                remaining = [other for other in remaining if other is not subrun]
+                network.t_ = end  # Brian2's network time, as it was at the end of this subrun
+                for analyser in self.analysers:
+                    subrun_list = list(remaining)
+                    _call(analyser.analyse, (traj, network, subrun, subrun_list, network_dict))
+                    added = [s for s in subrun_list if all(s is not r for r in remaining)]
+                    if added:
+                        raise RuntimeError(
+                            f"{type(analyser).__name__}.analyse() added subrun "
+                            f"`{added[0].v_name}`: on a standalone device the subruns are compiled "
+                            f"before anything is analysed. Add it to the durations group instead."
+                        )
+                    remaining = subrun_list
+        finally:
+            network.t_ = self._program["noted"][-1][1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(_program=None, _results=None)
+        return state
+
+
+def _cannot_reach(names, how):
+    names = ", ".join(f"`{name}`" for name in sorted(names))
+    return RuntimeError(
+        f"Explored parameter {names} {how}: its value would be compiled into the program. On a "
+        f"standalone device an explored value reaches the program only as a value that build() "
+        f"sets on a whole variable, e.g. group.x = traj.x with 'x : 1 (shared, constant)'."
+    )

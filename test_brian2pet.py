@@ -1427,6 +1427,212 @@ def test_a_pickled_manager_travels_without_brian2_objects():
 
 
 # -------------------------------------------------------------------------------------------------
+# 7. Standalone devices (issue 17): the exploration's program compiled once, run once per run.
+# A Brian2 device is chosen once per process, so each exploration runs in a process of its own, as
+# `python test_brian2pet.py standalone SCENARIO DEVICE NCORES FOLDER`, which prints one JSON line.
+# The programs of all scenarios go to one folder, where make recompiles only what changed.
+# -------------------------------------------------------------------------------------------------
+
+STANDALONE_DRIVES = [0.8, 1.0, 1.3]
+
+
+class FixedNetwork(NetworkComponent):
+    """Ten neurons with fixed synapses and nothing random: runtime and standalone must agree spike
+    for spike. The explored `drive` is a shared variable set in build(), a run value on a standalone
+    device. ``scenario`` adds what a standalone device must refuse."""
+
+    def __init__(self, scenario="deterministic"):
+        self.scenario = scenario
+
+    def add_parameters(self, traj):
+        traj.f_add_parameter("drive", 1.0)
+        traj.f_add_parameter("size", 10)
+
+    def _make(self, traj, brian_list, network_dict):
+        group = NeuronGroup(traj.size, "dv/dt = (drive + mu - v) / (10*ms) : 1 (unless refractory)\n"
+                            "drive : 1 (shared, constant)\nmu : 1 (constant)", threshold="v > 1",
+                            reset="v = 0", refractory=2 * ms, method="exact", name="fixed",
+                            namespace={})
+        group.mu = np.linspace(0.05, 0.5, traj.size)
+        synapses = brian2.Synapses(group, group, "w : 1 (constant)", on_pre="v_post += w",
+                                   name="fixed_synapses")
+        synapses.connect(i=[0, 1, 2, 3, 4, 5], j=[1, 2, 3, 4, 5, 6])
+        synapses.w = 0.2
+        brian_list.extend([group, synapses])
+        network_dict["group"] = group
+
+    def pre_build(self, traj, brian_list, network_dict):
+        if self.scenario != "explored size":
+            self._make(traj, brian_list, network_dict)
+
+    def build(self, traj, brian_list, network_dict):
+        if "group" not in network_dict:  # explored size: made in build, when missing
+            self._make(traj, brian_list, network_dict)
+        group = network_dict["group"]
+        group.drive = traj.drive
+        if self.scenario == "expression per run":
+            group.v = f"{traj.drive} * 0.1"
+        elif self.scenario == "namespace per run":
+            group.namespace["unused"] = traj.drive
+        elif self.scenario == "seed per run":
+            brian2.seed(traj.v_idx)
+        elif self.scenario == "objects per run":
+            brian_list.append(SpikeMonitor(group, name="every_run"))
+
+
+class FixedSpikes(NetworkAnalyser):
+    """Records spikes in the second subrun; ``scenario`` adds what a standalone device refuses."""
+
+    def __init__(self, scenario="deterministic"):
+        self.scenario = scenario
+
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if self.scenario == "read in add_to_network":
+            network_dict["drive seen"] = traj.drive
+        if current_subrun.v_name == "warmup":  # the pre-run's own monitor, out again after it
+            network_dict["warmup"] = StateMonitor(network_dict["group"], "v", record=[0, 6],
+                                                  name="warmup_v")
+            network.add(network_dict["warmup"])
+        if current_subrun.v_name == "measure":
+            network_dict["monitor"] = SpikeMonitor(network_dict["group"], name="fixed_spikes")
+            network.add(network_dict["monitor"])
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "warmup":
+            traj.f_add_result("warmup", v=np.asarray(network_dict["warmup"].v), t_end=float(network.t / ms))
+        elif current_subrun.v_name == "measure":
+            traj.f_add_result(Brian2MonitorResult, "spikes", network_dict["monitor"])
+            traj.f_add_result("t_end", float(network.t / ms))
+        elif self.scenario == "adds a subrun":
+            subrun_list.append(Brian2Parameter("simulation.more", 1 * ms))
+        else:
+            traj.f_add_result("t_init", float(network.t / ms))
+
+
+class FixedRunner(NetworkRunner):
+    def add_parameters(self, traj):
+        traj.f_add_parameter(Brian2Parameter, "simulation.pre_durations.warmup", 10 * ms).v_annotations.order = 0
+        traj.f_add_parameter(Brian2Parameter, "simulation.durations.init", 20 * ms).v_annotations.order = 0
+        traj.f_add_parameter(Brian2Parameter, "simulation.durations.measure", 50 * ms).v_annotations.order = 1
+
+    def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "warmup":
+            network.remove(network_dict["warmup"])
+
+
+def run_standalone_scenario(scenario, device, ncores, folder):
+    """One exploration over drive (or size) on ``device``; returns what the tests compare."""
+    if device != "runtime":
+        brian2.set_device(device, build_on_run=False)
+    multiproc = dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL") if ncores > 1 else {}
+    filename = os.path.join(folder, f"{scenario}_{device}_{ncores}.hdf5".replace(" ", "_"))
+    if os.path.exists(filename):  # the folder serves the whole session
+        os.remove(filename)
+    env = Environment(trajectory="fixed", filename=filename, log_config=None, log_stdout=False,
+                      report_progress=False, add_time=False, **multiproc)
+    traj = env.trajectory
+    parts = (FixedRunner(report=None), [FixedNetwork(scenario)], [FixedSpikes(scenario)])
+    program = os.path.join(folder, "program")
+    manager = (NetworkManager(*parts) if device == "runtime"
+               else brian2pet.StandaloneNetworkManager(*parts, directory=program))
+    manager.add_parameters(traj)
+    traj.f_explore({"size": [10, 12, 14]} if scenario == "explored size"
+                   else {"drive": STANDALONE_DRIVES})
+    try:
+        (manager.pre_run_network if scenario == "pre-run" else manager.pre_build)(traj)
+    except RuntimeError as error:
+        return {"refused": str(error)}
+    compiled = os.stat(os.path.join(program, "main")).st_mtime_ns if device != "runtime" else None
+    traj.f_store()
+    env.run(manager.run_network)
+    env.disable_logging()
+    back = load_trajectory(name="fixed", filename=filename, load_data=2,
+                           dynamic_imports=[Brian2Parameter, Brian2Result, Brian2MonitorResult])
+    runs = []
+    for name in back.f_get_run_names():
+        if not back.f_contains(f"results.runs.{name}.spikes", shortcuts=False):
+            runs.append(None)  # the run failed (with several processes pypet logs it and goes on)
+            continue
+        spikes = back.f_get(f"results.runs.{name}.spikes")
+        runs.append({"t": np.asarray(spikes.t / second).tolist(), "i": np.asarray(spikes.i).tolist(),
+                     "t_init": back.f_get(f"results.runs.{name}.t_init").f_get(),
+                     "t_end": back.f_get(f"results.runs.{name}.t_end").f_get()})
+    unchanged = device == "runtime" or compiled == os.stat(os.path.join(program, "main")).st_mtime_ns
+    warmup = back.f_get("results.warmup") if back.f_contains("results.warmup") else None
+    return {"runs": runs, "program unchanged by the runs": unchanged,
+            "pre-run": None if warmup is None else {"v": np.asarray(warmup.v).tolist(),
+                                                    "t_end": warmup.t_end},
+            "results": sorted(leaf.v_full_name for leaf in back.f_iter_leaves()
+                              if leaf.v_full_name.startswith("results.")),
+            "results left": sorted(p for p in os.listdir(program) if p.startswith("results_"))
+            if device != "runtime" else []}
+
+
+@pytest.fixture(scope="session")
+def standalone_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("standalone")
+
+
+def standalone_scenario(folder, scenario, device="cpp_standalone", ncores=1):
+    """What run_standalone_scenario returned, or None if its process failed; and its stderr."""
+    done = subprocess.run(
+        [sys.executable, __file__, "standalone", scenario, device, str(ncores), str(folder)],
+        capture_output=True, text=True, timeout=600, cwd=folder,
+    )
+    lines = done.stdout.strip().splitlines()
+    return (json.loads(lines[-1]) if done.returncode == 0 and lines else None), done.stderr
+
+
+@pytest.mark.parametrize("scenario, ncores", [("deterministic", 1), ("deterministic", 2),
+                                              ("pre-run", 1), ("pre-run", 2)])
+def test_standalone_gives_the_runtime_spikes_for_every_explored_value(standalone_folder, scenario,
+                                                                      ncores):
+    runtime, stderr = standalone_scenario(standalone_folder, scenario, "runtime")
+    assert runtime is not None, stderr[-3000:]
+    standalone, stderr = standalone_scenario(standalone_folder, scenario, ncores=ncores)
+    assert standalone is not None, stderr[-3000:]
+    assert standalone["runs"] == runtime["runs"]
+    counts = [len(run["t"]) for run in standalone["runs"]]
+    assert counts[0] < counts[1] < counts[2], counts  # the explored drive reached the program
+    # Analysers see the network time at the end of the subrun they analyse, as in runtime mode.
+    start = 10.0 if scenario == "pre-run" else 0.0
+    assert [(run["t_init"], run["t_end"]) for run in standalone["runs"]] == [
+        (start + 20, start + 70)] * 3
+    # After a pre-run, every run starts from its state (the spikes above), and it was analysed
+    # and stored once.
+    assert (standalone["pre-run"] is not None) == (scenario == "pre-run")
+    if scenario == "pre-run":  # numpy's and C++'s exp() may differ in the last bit
+        np.testing.assert_allclose(standalone["pre-run"]["v"], runtime["pre-run"]["v"], rtol=1e-12)
+        assert standalone["pre-run"]["t_end"] == runtime["pre-run"]["t_end"] == 10.0
+    assert standalone["results"] == runtime["results"]
+    assert standalone["program unchanged by the runs"]  # compiled once, before the runs
+    assert standalone["results left"] == []
+
+
+@pytest.mark.parametrize("scenario, message", [
+    ("explored size", r"Explored parameter `parameters\.size` is read by FixedNetwork\.build\(\) "
+                      r"to make objects: its value would be compiled into the program"),
+    ("read in add_to_network", r"Explored parameter `parameters\.drive` is read by a subrun's "
+                               r"add_to_network or remove_from_network"),
+    ("expression per run", r"FixedNetwork\.build\(\) sets fixed\.v differently in run 1"),
+    ("namespace per run", r"FixedNetwork\.build\(\) sets the namespace of fixed differently in run 1"),
+    ("seed per run", r"FixedNetwork\.build\(\) sets the seed differently in run 1"),
+    ("objects per run", r"FixedNetwork\.build\(\) made every_run in run 0"),
+])
+def test_standalone_refuses_what_cannot_reach_the_program_before_compiling(
+        standalone_folder, scenario, message):
+    result, stderr = standalone_scenario(standalone_folder, scenario)
+    assert result is not None, stderr[-3000:]
+    assert re.search(message, result.get("refused", "")), result
+
+
+def test_standalone_analyser_adding_a_subrun_is_an_error_naming_it(standalone_folder):
+    result, stderr = standalone_scenario(standalone_folder, "adds a subrun")
+    assert result is None  # the first run fails, and with it the exploration in one process
+    assert "FixedSpikes.analyse() added subrun `more`: on a standalone device" in stderr
+
+
+# -------------------------------------------------------------------------------------------------
 # The example, clustered_network.py, on a tiny network (numpy target, short runs).
 # One tiny sweep is simulated once per session (fixture ``reference``); the tests for several
 # processes, SCOOP and resume simulate the same sweep their way and must store exactly its numbers.
@@ -3146,7 +3352,12 @@ def test_the_example_runs_without_fcntl_prctl_and_proc(reference_numbers, tmp_pa
 
 
 if __name__ == "__main__":
-    # The matrix's explorations that need processes of their own (see run_matrix):
-    #   python [-m scoop -n 2] test_brian2pet.py matrix MODE HOW FILE [resume]
-    _, _, matrix_mode, matrix_how, matrix_file, *matrix_resume = sys.argv
-    run_matrix(matrix_file, matrix_mode, matrix_how, resume=bool(matrix_resume))
+    # The explorations that need processes of their own:
+    #   python [-m scoop -n 2] test_brian2pet.py matrix MODE HOW FILE [resume]   (run_matrix)
+    #   python test_brian2pet.py standalone SCENARIO DEVICE NCORES FOLDER    (run_standalone_scenario)
+    if sys.argv[1] == "matrix":
+        _, _, matrix_mode, matrix_how, matrix_file, *matrix_resume = sys.argv
+        run_matrix(matrix_file, matrix_mode, matrix_how, resume=bool(matrix_resume))
+    else:
+        _, _, scenario, device, ncores, folder = sys.argv
+        print(json.dumps(run_standalone_scenario(scenario, device, int(ncores), folder)))
