@@ -655,14 +655,15 @@ class NetworkRunner(NetworkComponent):
             )
         return [by_order[order] for order in sorted(by_order)]
 
+    # On a standalone device (section 7) nothing runs while the subruns are recorded: the manager
+    # then sets a list here, to which step 3 appends each subrun and the time it ends at instead of
+    # analysing it; the analysers see it once the compiled program ran.
+    _noted_subruns = None
+
     def _execute_network_run(
-        self, traj, network, network_dict, component_list, analyser_list, pre_run=False,
-        noted=None,
+        self, traj, network, network_dict, component_list, analyser_list, pre_run=False
     ):
         """Run every subrun through the four steps of spec 7.5 (figure 'network run').
-
-        ``noted``: on a standalone device (section 7) nothing runs yet, so instead of step 3 each
-        subrun is appended here with the time it ends at, to be analysed once the binary ran.
 
         Stopped early, a subrun is analysed only if the model asked for it:
 
@@ -709,8 +710,8 @@ class NetworkRunner(NetworkComponent):
                 )
 
             # Step 3, analyse: every analyser, in the order the manager was given them.
-            if noted is not None:
-                noted.append((current_subrun, network.t_))
+            if self._noted_subruns is not None:
+                self._noted_subruns.append((current_subrun, network.t_))
             else:
                 for analyser in analyser_list:
                     _call(analyser.analyse, arguments)
@@ -2110,10 +2111,7 @@ class StandaloneNetworkManager(NetworkManager):
             # Brian2 applies run values before the first Network.run unless told it did: they must
             # come after the pre-run, which is the same in every run (Brian2 2.9 and 2.11).
             device.run_args_applied = True
-            self.network_runner._execute_network_run(
-                traj, network, self._network_dict, self.components, self.analysers,
-                pre_run=True, noted=noted_pre_run,
-            )
+            self._record_subruns(traj, network, self._network_dict, noted_pre_run, pre_run=True)
             device.insert_code("main", "set_from_command_line(args);")
             self._pre_run = True
         else:
@@ -2127,9 +2125,7 @@ class StandaloneNetworkManager(NetworkManager):
         network.add(*[obj for obj in brian_list if obj not in network.objects])
         noted = []
         with _explored_reads(traj) as reads:
-            self.network_runner._execute_network_run(
-                traj, network, network_dict, self.components, self.analysers, noted=noted
-            )
+            self._record_subruns(traj, network, network_dict, noted)
         if reads:
             raise _cannot_reach(reads, "is read by a subrun's add_to_network or "
                                        "remove_from_network, which are compiled once")
@@ -2154,6 +2150,16 @@ class StandaloneNetworkManager(NetworkManager):
             traj.f_restore_default()
             self._run_program("results_0", run_values)
             self._analyse(traj, network, self._network_dict, noted_pre_run)
+
+    def _record_subruns(self, traj, network, network_dict, noted, pre_run=False):
+        """The runner's subruns into the program, each noted for analysis after it ran."""
+        runner = self.network_runner
+        runner._noted_subruns = noted
+        try:
+            runner._execute_network_run(traj, network, network_dict, self.components,
+                                        self.analysers, pre_run=pre_run)
+        finally:
+            del runner._noted_subruns
 
     def _build_run(self, traj, check_reads=False):
         """The run's build() on the program's objects: returns its run values and network_dict."""
