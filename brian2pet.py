@@ -1628,6 +1628,12 @@ class ForkingEnvironment(Environment):
 
     def _tasks_with_own_pipes(self, tasks):
         for task in tasks:
+            # A resumed exploration's run function is a pickled copy of its manager, which redoes
+            # pre_build and the pre-run before its first run (section 5). Done here, before the
+            # first fork, every worker inherits it, instead of each redoing it for its one run.
+            manager = getattr(task.get("runfunc"), "__self__", None)
+            if isinstance(manager, NetworkManager) and manager._redo is not None:
+                manager._redo_in_this_process(task["traj"])
             pipe = _ResultPipe()
             self._pipes += (pipe,)
             yield dict(task, result_queue=pipe)

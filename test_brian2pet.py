@@ -1229,15 +1229,17 @@ class PypetBrian2MatrixRunner(pypet_brian2_network.NetworkRunner):
 
 
 def run_matrix(filename, mode, how, module=brian2pet, resume=False):
-    """The matrix as a main script (7.3) runs it, ``how`` one of 'one process', 'two processes',
-    'copies', 'scoop'. Returns the environment's trajectory name."""
+    """The matrix as a main script (7.3) runs it, ``how`` one of 'one process', 'two processes'
+    (pypet's Environment forking), 'forking environment' (brian2pet's), 'copies', 'scoop'."""
     network = brian2pet if module is brian2pet else pypet_brian2_network
+    forking = dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL")
     multiproc = {
-        "two processes": dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL"),
+        "two processes": forking, "forking environment": forking,
         "scoop": dict(multiproc=True, use_scoop=True, wrap_mode="LOCAL"),
     }.get(how, {})
     resumable = dict(resumable=True, resume_folder=filename + ".resume") if resume else {}
-    env = Environment(trajectory="matrix", filename=filename, log_config=None, log_stdout=False,
+    environment = brian2pet.ForkingEnvironment if how == "forking environment" else Environment
+    env = environment(trajectory="matrix", filename=filename, log_config=None, log_stdout=False,
                       report_progress=False, add_time=False, **multiproc, **resumable)
     if resume and os.path.isdir(filename + ".resume"):
         env.resume(trajectory_name="matrix", resume_folder=filename + ".resume")
@@ -1343,10 +1345,12 @@ def test_matrix_under_scoop_equals_plain_brian2(tmp_path, matrix_oracle, mode):
 
 
 @pytest.mark.parametrize("mode,how", [(mode, "one process") for mode in MATRIX_MODES]
-                         + [("pre_run", "two processes")])
+                         + [("pre_run", "two processes"), ("pre_run", "forking environment")])
 def test_matrix_resumed_after_sigkill_equals_plain_brian2(tmp_path, matrix_oracle, mode, how):
     """pypet's resume unpickles the manager in a new process: it redoes pre_build and the pre-run
-    there (once per process), and what the pre-run stored is in the file once."""
+    there (once per process), and what the pre-run stored is in the file once. With pypet's own
+    Environment each forked worker redoes them for its run; brian2pet's ForkingEnvironment redoes
+    them once, before it forks, for all workers."""
     log = tmp_path / "pre_runs"
     status, output = run_matrix_process(tmp_path, mode, how, "resume", MATRIX_KILL_AT_RUN="2",
                                         MATRIX_PRE_RUN_LOG=str(log))
@@ -1358,8 +1362,8 @@ def test_matrix_resumed_after_sigkill_equals_plain_brian2(tmp_path, matrix_oracl
     assert differing_cells(stored_results(str(tmp_path / "matrix.hdf5")), matrix_oracle(mode)) == set()
     pre_runs = pre_runs_by_process(log)
     assert set(pre_runs.values()) <= {1}, pre_runs
-    assert len(set(pre_runs) - killed) == (0 if mode != "pre_run" else 1 if how == "one process"
-                                           else 2), pre_runs
+    assert len(set(pre_runs) - killed) == (0 if mode != "pre_run" else 2 if how == "two processes"
+                                           else 1), pre_runs
 
 
 # Where pypet.brian2 departs from the hand-written runs: in one process it fails outright (a second
