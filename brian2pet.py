@@ -1936,21 +1936,24 @@ def _fail_scoop_command():
 #                                 then the analysers analyse the recorded subruns in order.
 #
 # What build() sets on a whole variable with a number or an array (`group.var = value`) becomes a
-# run value: it never enters the program, and the program takes the run's values at one point, just
-# before the run's build() (after pre_build and the pre-run). Everything else is compiled in:
-# objects build() makes are the first run's (make them when missing from network_dict, as
+# run value: it never enters the program, which takes the run's values at one point, just before
+# the run's build() (after pre_build and the pre-run); what only the first run's build() set (on
+# the objects it made) is given to every run. Everything else is compiled in: objects build() makes
+# are the first run's (make them when missing from network_dict, as
 # `if 'stimulus' not in network_dict:`); values set by expressions, on part of a variable or on
 # synapses, seeds and namespaces must be the same in every run; the subrun steps see the first
 # run's parameters. An explored parameter that would change the program is refused, naming it,
 # before anything compiles: read by add_to_network or remove_from_network of the first run, or read
 # by a build() to make objects (read in the first run's build(), but not by the builds that set
 # values). Differences from runtime mode, as the standalone devices allow no other:
-#   - The analysers run after the program: network.t is the end of the subrun they analyse, but a
-#     group's state and a monitor's data are what they hold at the end of the run.
+#   - The analysers run after the program, subrun by subrun: network.t is the end of the subrun
+#     they analyse, but a group's state and a monitor's data are what they hold at the end of the
+#     run, and network_dict is as the subruns' steps left it at the end (keep what add_to_network
+#     notes per subrun under the subrun's name).
 #   - Emptying subrun_list in analyse() leaves the later subruns unanalysed, though they were
 #     simulated; adding a subrun there is an error naming the analyser.
 #   - Every run starts from the pre-run's state because the program simulates the pre-run anew each
-#     time, with the same seed; pre_run_network runs the program once to analyse the pre-run.
+#     time, with the same seed; the pre-run is analysed from the first run's execution.
 #   - Every execution seeds the program's generator alike (the script's brian2.seed, else a number
 #     drawn once), so runs draw the same random numbers; seeding per run cannot reach a program.
 #   - A pickled copy of the manager (pypet's resume) records and compiles again in its process
@@ -1979,27 +1982,37 @@ def _standalone_device():
 
 @contextlib.contextmanager
 def _run_values_taken(record_others, existing):
-    """Inside, setting a whole fixed-size variable of an object in ``existing`` (names) to a number
-    or an array is noted in ``taken`` (the run values) instead of done; any other set of theirs (an
-    expression, part of a variable, a synaptic variable) is noted in ``others``. Sets are recorded
-    into the program if ``record_others``, as are those of objects made inside the block.
+    """Inside, setting a whole fixed-size variable to a number or an array is noted in ``taken``
+    (the run values) instead of done. Any other set (an expression, part of a variable, a synaptic
+    variable) is recorded into the program if ``record_others``, and noted in ``others`` if its
+    object is in ``existing`` (names; the sets of an object being made are part of making it).
+    A value set after an expression or part of the same variable is an error: the program takes
+    the run values before everything the build records, so it would come before it, not after.
 
     Reaches into Brian2 (2.9 and 2.11): every set of a variable, `group.v = ...` and
     `group.v[...] = ...`, goes through VariableView.set_item, replaced for the block.
     """
-    taken, others = [], []
+    taken, others, compiled = [], [], set()
     set_item = VariableView.set_item
 
     def note(view, item, value, level=0, namespace=None):
         variable = view.variable
+        name = f"{view.group_name}.{view.name}"
         whole = (isinstance(item, str) and item == "True") or (
             isinstance(item, slice) and item == slice(None))
+        if whole and not isinstance(value, str) and not (variable.dynamic or variable.read_only):
+            if name in compiled:
+                raise RuntimeError(
+                    f"{name} is set to a value after an expression or a part of it was set in the "
+                    f"same build(): on a standalone device the run's values take effect before "
+                    f"the build's other steps. Set the value first, or set it with an expression."
+                )
+            taken.append((view, value))
+            return
+        compiled.add(name)
         if view.group_name in existing:
-            if whole and not isinstance(value, str) and not (variable.dynamic or variable.read_only):
-                taken.append((view, value))
-                return
             where = "" if whole else f"[{_fingerprint(item)}]"
-            others.append((f"{view.group_name}.{view.name}{where}", _fingerprint(value)))
+            others.append((f"{name}{where}", _fingerprint(value)))
         if record_others:
             set_item(view, item, value, level=level + 1, namespace=namespace)
 
@@ -2075,7 +2088,9 @@ class _RunBuild:
             self.made[name] = _live_brian_objects() - before
 
     def run_values(self):
-        return {view: value for taken in self.taken.values() for view, value in taken}
+        """{(object name, variable name): (variable view, value)}, the last set of each."""
+        return {(view.group_name, view.name): (view, value)
+                for taken in self.taken.values() for view, value in taken}
 
 
 class StandaloneNetworkManager(NetworkManager):
@@ -2194,7 +2209,9 @@ class StandaloneNetworkManager(NetworkManager):
                     f"number or an array becomes a run value. Use a variable "
                     f"('x : 1 (shared, constant)') set in build() for what changes from run to run."
                 )
-        return run.run_values(), network_dict
+        # What only the first run's build() sets (when it made the objects) holds for every run.
+        values = {**first.run_values(), **run.run_values()}
+        return dict(values.values()), network_dict
 
     def run_network(self, traj):
         """One run: build() acts, the program runs with the run's values, the analysers analyse."""

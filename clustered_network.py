@@ -57,6 +57,7 @@ from brian2 import (
     Clock,
     Hz,
     NeuronGroup,
+    PopulationRateMonitor,
     Quantity,
     SpikeMonitor,
     StateMonitor,
@@ -81,6 +82,7 @@ from brian2pet import (
     NetworkComponent,
     NetworkManager,
     NetworkRunner,
+    StandaloneNetworkManager,
     Terminated,
     check_file,
     finished_runs,
@@ -107,6 +109,9 @@ P_EE = 0.2  # mean E to E connection probability: K = P_EE * N_e inputs
 # weight is the total jump it gives to V. Inhibitory weights enter with a minus sign (see on_pre).
 # mu_stim is the rise of the bias that a stimulus gives (CNStimulus); it is 0 without one.
 # Constants are names, filled from `namespace=`, so that one code object serves every parameter value.
+# What follows from the explored R_ee (the E to E probabilities p_in, p_out and the weight J_in) is a
+# variable of the group instead, set in build(): on a standalone device (--device) a compiled program
+# takes a run's values for variables, not for names compiled into it (brian2pet section 7).
 NEURON_EQUATIONS = """
 dV/dt = (mu + mu_stim - V)/tau + I_syn_e + I_syn_i : 1 (unless refractory)
 I_syn_e = (x_e_decay - x_e_rise)/(tau_decay_e - tau_rise) : Hz
@@ -119,18 +124,17 @@ mu : 1 (constant)
 mu_stim : 1
 tau : second (constant)
 cluster : integer (constant)
-spike_count : integer
+p_in : 1 (shared, constant)
+p_out : 1 (shared, constant)
+J_in : 1 (shared, constant)
 """
-# Counting spikes in the reset gives both populations' rates for free; a second SpikeMonitor (for I)
-# would cost about a tenth of the simulation time.
-RESET = "V = V_reset\nspike_count += 1"
 
 # One Synapses object per source type. Probability and weight depend on the target's type (cluster -1
 # marks an I neuron) and, for E to E, on whether both neurons share a cluster.
 SAME = "int(cluster_pre == cluster_post)"
 TO_I = "int(cluster_post < 0)"
-E_SOURCE_P = f"{TO_I}*p_ie + (1 - {TO_I})*({SAME}*p_in + (1 - {SAME})*p_out)"
-E_SOURCE_W = f"{TO_I}*J_ie + (1 - {TO_I})*({SAME}*J_in + (1 - {SAME})*J_out)"
+E_SOURCE_P = f"{TO_I}*p_ie + (1 - {TO_I})*({SAME}*p_in_post + (1 - {SAME})*p_out_post)"
+E_SOURCE_W = f"{TO_I}*J_ie + (1 - {TO_I})*({SAME}*J_in_post + (1 - {SAME})*J_out)"
 I_SOURCE_P = f"{TO_I}*p_ii + (1 - {TO_I})*p_ei"
 I_SOURCE_W = f"{TO_I}*J_ii + (1 - {TO_I})*J_ei"
 
@@ -277,7 +281,7 @@ class CNNeuronGroup(NetworkComponent):
             n_e + n_i,
             model.eqs,
             threshold="V > V_th",
-            reset=RESET,
+            reset="V = V_reset",
             refractory="t_ref",
             method="euler",
             namespace=namespace,
@@ -307,9 +311,10 @@ class CNConnections(NetworkComponent):
     E to E is part of the first: its probability (p_in or p_out) and weight (J_in or J_out) follow
     from the neurons' cluster labels, so clustering costs no extra objects (one object per cluster
     pair would cost minutes of compilation with the cython target). Built per run when a
-    ``connections`` parameter such as R_ee is explored, pre-built otherwise. The random draws are
-    seeded from ``simulation.seed`` and the run index, so a run gives the same network in any
-    process.
+    ``connections`` parameter such as R_ee is explored, pre-built otherwise. What R_ee sets (p_in,
+    p_out, J_in) goes into shared variables of the neurons, which the synapses read as p_in_post and
+    so on: in every run, also on a standalone device, whose program draws the synapses once per
+    execution with the run's values (there the synapses are made once, for all runs).
 
     ``fail_run``: for tests only, raise in the run with this index.
 
@@ -346,31 +351,43 @@ class CNConnections(NetworkComponent):
     def pre_build(self, traj, brian_list, network_dict):
         if "neurons" in network_dict and not explored_in(traj, "connections"):
             brian2_seed(stream_seed(traj.simulation.seed, 1))
+            self._set_clustering(traj, network_dict["neurons"])
             self._build(traj, brian_list, network_dict)
 
     def build(self, traj, brian_list, network_dict):
         if self.fail_run is not None and traj.v_idx == self.fail_run:
             raise RuntimeError("deliberate failure (--fail-run)")
+        if not explored_in(traj, "connections"):
+            return  # pre-built
+        # Every run draws its synapses from the same random state (brian2pet section 5), so runs
+        # of different R_ee differ in R_ee only, not in their random numbers.
+        self._set_clustering(traj, network_dict["neurons"])
         if "connections" not in network_dict:
             if self._built_a_run:
                 release_freed_memory()
-            brian2_seed(stream_seed(traj.simulation.seed, 2, traj.v_idx))
             self._build(traj, brian_list, network_dict)
             self._built_a_run = True
+
+    @staticmethod
+    def _set_clustering(traj, neurons):
+        """p_in, p_out and J_in, which R_ee sets, into the neurons' shared variables."""
+        conn = traj.parameters.connections
+        p_in, p_out = cluster_probabilities(
+            conn.R_ee, traj.parameters.model.N_e, conn.cluster_size, conn.p_ee)
+        if p_in > 1:
+            raise ValueError(
+                f"R_ee = {conn.R_ee} gives a within-cluster probability of {p_in:.3f} > 1"
+            )
+        neurons.p_in, neurons.p_out = p_in, p_out
+        neurons.J_in = conn.J_ee * (conn.strength_factor if conn.R_ee > 1 else 1.0)
 
     @staticmethod
     def _build(traj, brian_list, network_dict):
         conn = traj.parameters.connections
         n_e = traj.parameters.model.N_e
-        p_in, p_out = cluster_probabilities(conn.R_ee, n_e, conn.cluster_size, conn.p_ee)
-        if p_in > 1:
-            raise ValueError(
-                f"R_ee = {conn.R_ee} gives a within-cluster probability of {p_in:.3f} > 1"
-            )
-        j_in = conn.J_ee * (conn.strength_factor if conn.R_ee > 1 else 1.0)
         namespace = dict(
-            p_in=p_in, p_out=p_out, p_ie=conn.p_ie, p_ei=conn.p_ei, p_ii=conn.p_ii,
-            J_in=j_in, J_out=conn.J_ee, J_ie=conn.J_ie, J_ei=conn.J_ei, J_ii=conn.J_ii, N_e=n_e,
+            p_ie=conn.p_ie, p_ei=conn.p_ei, p_ii=conn.p_ii,
+            J_out=conn.J_ee, J_ie=conn.J_ie, J_ei=conn.J_ei, J_ii=conn.J_ii, N_e=n_e,
         )
         neurons = network_dict["neurons"]
         with codegen_target("numpy"):
@@ -410,11 +427,12 @@ class CNStimulus(NetworkComponent):
 
     The paper's stimulus experiment: the same network, at rest and then driven, for several
     stimulus strengths (0 is the control). The stimulus is a Synapses object from each stimulated E
-    neuron onto itself that sets mu_stim through a summed variable. It is built in every run
-    (its strength is explored) and goes into brian_list, so the manager adds it to the network that
-    the pre-run left; pypet.brian2 would silently leave it out, and no run would see a stimulus.
-    It is built switched off; add_to_network switches it on for the ``stimulus`` subrun and
-    remove_from_network switches it off again.
+    neuron onto itself that sets mu_stim through a summed variable. It is built per run, when
+    network_dict lacks it (in every run, and once for all runs on a standalone device), and goes
+    into brian_list, so the manager adds it to the network that the pre-run left; pypet.brian2
+    would silently leave it out, and no run would see a stimulus. Its strength, the explored
+    parameter, is its shared variable, set in every run. It is built switched off; add_to_network
+    switches it on for the ``stimulus`` subrun and remove_from_network switches it off again.
 
     network_dict:
         Expects 'neurons_e'. Adds 'stimulus' (the Synapses) and 'stimulated_clusters' (indices).
@@ -437,18 +455,21 @@ class CNStimulus(NetworkComponent):
         clusters = stimulated_clusters(
             n_e // size, traj.stimulus.n_clusters, stream_seed(traj.stimulus.cluster_seed, 3)
         )
-        targets = np.flatnonzero(np.isin(cluster_labels(n_e, size), clusters))
-        neurons_e = network_dict["neurons_e"]
-        # The strength enters by name, so one code object serves every strength.
-        with codegen_target("numpy"):
-            stimulus = Synapses(
-                neurons_e, neurons_e, "mu_stim_post = strength : 1 (summed)",
-                namespace={"strength": traj.stimulus.strength}, name="stimulus",
-            )
-            stimulus.connect(i=targets, j=targets)
-        stimulus.active = False
-        brian_list.append(stimulus)
-        network_dict.update(stimulus=stimulus, stimulated_clusters=clusters)
+        network_dict["stimulated_clusters"] = clusters
+        if "stimulus" not in network_dict:
+            targets = np.flatnonzero(np.isin(cluster_labels(n_e, size), clusters))
+            neurons_e = network_dict["neurons_e"]
+            with codegen_target("numpy"):
+                stimulus = Synapses(
+                    neurons_e, neurons_e,
+                    "strength : 1 (shared, constant)\nmu_stim_post = strength : 1 (summed)",
+                    name="stimulus",
+                )
+                stimulus.connect(i=targets, j=targets)
+            stimulus.active = False
+            brian_list.append(stimulus)
+            network_dict["stimulus"] = stimulus
+        network_dict["stimulus"].strength = traj.stimulus.strength
 
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
         if current_subrun.v_name == "stimulus":
@@ -491,10 +512,8 @@ class CNNetworkRunner(NetworkRunner):
         add_subrun(traj, "simulation.durations.measurement_run", self.measurement_run, 1,
                    "Recorded and analysed")
 
-    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
-        if not is_pre_run(current_subrun) and "wall_start" not in network_dict:
-            network_dict["wall_start"] = time.time()
-            say(f"run {traj.v_idx + 1}/{len(traj)} started: {explored_text(traj)}")
+    def build(self, traj, brian_list, network_dict):
+        network_dict["wall_start"] = time.time()  # for the run's "done in" line (print_done)
 
 
 class CNStimulusRunner(CNNetworkRunner):
@@ -546,14 +565,16 @@ def is_measurement(subrun):
 class CNActivityGuard(NetworkAnalyser):
     """Cancels the rest of a run whose E neurons fire pathologically fast (spec 7.5's example).
 
-    After every subrun of a run (not of the pre-run) it takes the mean E rate in that subrun from
-    the spike counts the neurons keep. Above ``analysis.max_rate_e`` it empties ``subrun_list``,
+    After every subrun of a run (not of the pre-run) it takes the mean E rate in that subrun from a
+    population rate monitor of the E neurons, which records the whole run. Above
+    ``analysis.max_rate_e`` it empties ``subrun_list``,
     so the runner simulates nothing more in this run, and stores why. It is listed first among
     the analysers, so that the analysers after it already see the emptied list: a run cancelled
     before its measurement stores no measurement results at all.
 
     network_dict:
-        Expects 'neurons'. Adds 'guard' (time and E spike counts at the start of the subrun).
+        Expects 'neurons_e'. Adds 'guard' (the monitor, and when each subrun started, by name: on a
+        standalone device every analysis comes after the whole run).
     Results: statistics.pathological (Brian2Result: subrun, rate_e, max_rate_e, cancelled, reason),
     only in a run where the rate was exceeded.
     """
@@ -565,17 +586,23 @@ class CNActivityGuard(NetworkAnalyser):
         )
 
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
-        if not is_pre_run(current_subrun):
-            n_e = traj.parameters.model.N_e
-            network_dict["guard"] = (network.t, np.array(network_dict["neurons"].spike_count[:n_e]))
+        if is_pre_run(current_subrun):
+            return
+        if "guard" not in network_dict:  # the run's first subrun
+            monitor = PopulationRateMonitor(network_dict["neurons_e"], name="guard_rate_e")
+            network.add(monitor)
+            network_dict["guard"] = {"monitor": monitor, "starts": {}}
+        network_dict["guard"]["starts"][current_subrun.v_name] = network.t
 
     def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
         if is_pre_run(current_subrun):
             return
-        t_start, counts_start = network_dict["guard"]
-        n_e = traj.parameters.model.N_e
-        counts = np.array(network_dict["neurons"].spike_count[:n_e]) - counts_start
-        rate_e = counts.mean() / (network.t - t_start)
+        monitor = network_dict["guard"]["monitor"]
+        t_start = network_dict["guard"]["starts"][current_subrun.v_name]
+        # The subrun's own stretch of the record (which goes on to the run's end when it is read
+        # on a standalone device).
+        in_subrun = (monitor.t >= t_start - 1e-9 * second) & (monitor.t < network.t - 1e-9 * second)
+        rate_e = np.mean(monitor.rate[in_subrun])
         max_rate_e = traj.analysis.max_rate_e
         if rate_e <= max_rate_e:
             return
@@ -603,9 +630,9 @@ class CNMonitorAnalysis(NetworkAnalyser):
     when the guard cancelled the rest).
 
     network_dict:
-        Expects 'neurons', 'neurons_e'. Adds 'monitors' (dict name -> monitor), 'measurement'
-        (its start time and the spike counts at that time) and 'periods' (recorded subrun name ->
-        [start, end] time).
+        Expects 'neurons_e', 'neurons_i'. Adds 'monitors' (dict name -> monitor), 'rate_i' (a
+        population rate monitor of the I neurons), 'measurement' (its start time) and 'periods'
+        (recorded subrun name -> [start, end] time).
     Results: monitors.spikes_e, monitors.V, monitors.I_syn_e, monitors.I_syn_i (Brian2MonitorResult),
     statistics.rates (Brian2Result with e and i in Hz, over all recorded subruns).
     """
@@ -647,12 +674,10 @@ class CNMonitorAnalysis(NetworkAnalyser):
             monitors[variable] = StateMonitor(
                 neurons_e, variable, record=record, clock=clock, name=f"trace_{variable}"
             )
-        network.add(*monitors.values())
-        network_dict["monitors"] = monitors
-        network_dict["measurement"] = {
-            "t_start": network.t,
-            "counts": np.array(network_dict["neurons"].spike_count[:]),
-        }
+        # The I neurons' rate: one number per time step, cheaper than their spikes.
+        rate_i = PopulationRateMonitor(network_dict["neurons_i"], name="rate_i")
+        network.add(rate_i, *monitors.values())
+        network_dict.update(monitors=monitors, rate_i=rate_i, measurement={"t_start": network.t})
 
     def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
         if current_subrun.v_name not in self.measured:
@@ -670,19 +695,17 @@ class CNMonitorAnalysis(NetworkAnalyser):
         for name, monitor in monitors.items():
             traj.f_add_result(Brian2MonitorResult, f"monitors.{name}", monitor, comment=comments[name])
 
-        measurement = network_dict["measurement"]
-        duration = network.t - measurement["t_start"]
-        counts = np.array(network_dict["neurons"].spike_count[:]) - measurement["counts"]
-        n_e = traj.parameters.model.N_e
+        duration = network.t - network_dict["measurement"]["t_start"]
         traj.f_add_result(
             Brian2Result, "statistics.rates",
-            e=counts[:n_e].mean() / duration, i=counts[n_e:].mean() / duration,
+            e=len(monitors["spikes_e"].t) / traj.parameters.model.N_e / duration,
+            i=np.mean(network_dict["rate_i"].rate),
             comment="Mean firing rates of E and I neurons during the measurement",
         )
 
     def remove_from_network(self, traj, network, current_subrun, subrun_list, network_dict):
         if current_subrun.v_name in self.measured and self._is_last(subrun_list):
-            network.remove(*network_dict["monitors"].values())
+            network.remove(network_dict["rate_i"], *network_dict["monitors"].values())
 
 
 def spike_counts(spike_t, spike_i, n_neurons, t_start, t_stop, window):
@@ -912,15 +935,12 @@ class CNQuenchingAnalyser(CNFanoFactorComputer):
 # ---------------------------------------------------------------------------------------------------
 
 
-class CNNetworkManager(NetworkManager):
-    """brian2pet's manager, whose failing run raises an error naming the run and its explored values.
-
-    (A pickled copy, as pypet makes for resuming and for SCOOP, leaves the pre-built objects behind
-    and redoes the pre-build and pre-run in its own process; the components' seeds make that give
-    the same numbers.)
-    """
+class RunsSaid:
+    """For a brian2pet manager: each run says when it starts, and a failing run raises an error
+    naming the run and its explored values."""
 
     def run_network(self, traj):
+        say(f"run {traj.v_idx + 1}/{len(traj)} started: {explored_text(traj)}")
         try:
             super().run_network(traj)
         except Exception as error:
@@ -928,6 +948,49 @@ class CNNetworkManager(NetworkManager):
                 f"run {traj.v_idx} ({explored_text(traj)}) failed: "
                 f"{type(error).__name__}: {error}"
             ) from error
+
+
+class CNNetworkManager(RunsSaid, NetworkManager):
+    """brian2pet's manager (--device runtime, the default)."""
+
+
+class CNStandaloneNetworkManager(RunsSaid, StandaloneNetworkManager):
+    """brian2pet's manager for a standalone device (--device cpp_standalone): pre_build or
+    pre_run_network compile the experiment once, and each run executes that program."""
+
+    def pre_build(self, traj):
+        started = time.time()
+        super().pre_build(traj)
+        say(f"compiled '{traj.v_name}' in {time.time() - started:.0f} s into {self.directory}")
+
+    def pre_run_network(self, traj):
+        started = time.time()
+        super().pre_run_network(traj)
+        say(f"compiled '{traj.v_name}' and analysed its pre-run in {time.time() - started:.0f} s "
+            f"into {self.directory}")
+
+
+def network_manager(args, name, **parts):
+    """The experiment's manager for --device, given the runner, components and analysers."""
+    if args.device == "runtime":
+        return CNNetworkManager(**parts)
+    return CNStandaloneNetworkManager(directory=program_folder(args.out, name), **parts)
+
+
+def use_device(device):
+    """Make Brian2 simulate on ``device`` from here on: 'runtime', or a standalone device, which
+    builds a program of its own for every experiment (brian2pet section 7)."""
+    from brian2 import get_device, set_device
+
+    if device == "runtime":
+        return
+    set_device(device, build_on_run=False)
+    get_device().reinit()  # forget an earlier experiment's program
+    get_device().activate(build_on_run=False)
+
+
+def program_folder(out, name):
+    return os.path.join(out, "standalone", name)
 
 
 class RunFailed(RuntimeError):
@@ -1008,7 +1071,9 @@ def run_sweep(args, filename, resume_folder):
     add_simulation_parameters(traj, args)
 
     # The runner, the components and the analysers, in build order, handed to the manager.
-    manager = CNNetworkManager(
+    use_device(args.device)
+    manager = network_manager(
+        args, TRAJECTORY_NAME,
         network_runner=CNNetworkRunner(args.initial * second, args.measure * second),
         component_list=[CNNeuronGroup(), CNConnections(fail_run=args.fail_run)],
         analyser_list=[
@@ -1023,7 +1088,7 @@ def run_sweep(args, filename, resume_folder):
     np.random.seed(args.seed)
     if not args.scoop:
         # Under SCOOP the run function travels to other hosts, and pre-built objects cannot.
-        manager.pre_build(traj)
+        manager.pre_build(traj)  # on a standalone device: and compile the experiment
 
     traj.f_store()
     env.run(manager.run_network)
@@ -1043,7 +1108,9 @@ def run_stimulus_experiment(args, filename, resume_folder):
     traj = env.trajectory
     add_simulation_parameters(traj, args)
 
-    manager = CNNetworkManager(
+    use_device(args.device)
+    manager = network_manager(
+        args, STIMULUS_TRAJECTORY_NAME,
         network_runner=CNStimulusRunner(args.initial * second, args.period * second),
         component_list=[CNNeuronGroup(), CNConnections(), CNStimulus()],
         analyser_list=[
@@ -1062,7 +1129,7 @@ def run_stimulus_experiment(args, filename, resume_folder):
     # (Under SCOOP each worker's copy of the manager does this again, the same way: brian2pet.)
     brian2_seed(args.seed)
     np.random.seed(args.seed)
-    manager.pre_run_network(traj)
+    manager.pre_run_network(traj)  # on a standalone device: and compile the experiment
 
     traj.f_store()
     env.run(manager.run_network)
@@ -1084,6 +1151,8 @@ def resume_experiment(args, filename, resume_folder, name):
     # pypet's resume reads the trajectory from its resume files (this script's own) and the file:
     # refuse a file with content that would run code.
     check_file(filename, name, ALL_NODES)
+    use_device(args.device)  # the device it was started with (run_experiments): pypet's copy of the
+    # manager builds its objects there (and on a standalone device compiles them again)
     env = ForkingEnvironment(trajectory=name, **environment_options(args, filename, resume_folder))
     env.resume(trajectory_name=name, resume_folder=resume_folder)
     env.disable_logging()
@@ -1526,6 +1595,10 @@ def parse_args(argv=None):
     parser.add_argument("--target", choices=("auto", "cython", "numpy"), default="auto",
                         help="Brian2 code generation target; auto (default) takes cython when a "
                              "C compiler works, else numpy (about 3 times slower per run)")
+    parser.add_argument("--device", choices=("runtime", "cpp_standalone"), default="runtime",
+                        help="runtime (default): Python steps the network (--target); "
+                             "cpp_standalone: each experiment is compiled once with g++ into one "
+                             "program, which every run executes with its own values")
     parser.add_argument("--out", default="results",
                         help="folder for the HDF5 file and figures (default results/)")
     parser.add_argument("--no-plots", action="store_true", help="draw no figures")
@@ -1561,6 +1634,9 @@ def parse_args(argv=None):
             check_sweep_file(args.replot)
         except ValueError as error:
             parser.error(f"--replot: {error}")
+    if args.scoop and args.device != "runtime":
+        parser.error("--device cpp_standalone runs one compiled program on this host's cores: use "
+                     "--ncores, not --scoop")
     if args.scoop and args.ncores is not None:
         parser.error("--ncores does not apply with --scoop; SCOOP's -n sets the workers")
     if args.ncores is None:
@@ -1605,7 +1681,7 @@ def settings_file(resume_folder, trajectory_name):
 
 # What defines an experiment's runs; --ncores and --out may differ when it is resumed.
 EXPERIMENT_SETTINGS = (
-    "scale", "r_ee", "measure", "initial", "seed", "target",
+    "scale", "r_ee", "measure", "initial", "seed", "target", "device",
     "stimulus_r_ee", "strengths", "stimulus_clusters", "period", "max_rate",
 )
 
@@ -1704,7 +1780,11 @@ def run_experiments(args, filename, resume_folder):
         traj = None
         if args.resume and unfinished(resume_folder, name):
             print(f"resuming '{name}'", flush=True)
-            traj = resume_experiment(args, filename, resume_folder, name)
+            # On the device it was started on (without saved settings only its final stores are
+            # left, which simulate nothing).
+            device = (saved_settings(resume_folder, name) or vars(args))["device"]
+            traj = resume_experiment(argparse.Namespace(**{**vars(args), "device": device}),
+                                     filename, resume_folder, name)
             if traj is None:
                 settings = saved_settings(resume_folder, name)
                 if settings is None:

@@ -1483,6 +1483,9 @@ class FixedNetwork(NetworkComponent):
             brian2.seed(traj.v_idx)
         elif self.scenario == "objects per run":
             brian_list.append(SpikeMonitor(group, name="every_run"))
+        elif self.scenario == "value after an expression":
+            group.v = "0.1 * i"
+            group.v = traj.drive * 0.1
 
 
 class FixedSpikes(NetworkAnalyser):
@@ -1623,6 +1626,7 @@ def test_standalone_gives_the_runtime_spikes_for_every_explored_value(standalone
     ("namespace per run", r"FixedNetwork\.build\(\) sets the namespace of fixed differently in run 1"),
     ("seed per run", r"FixedNetwork\.build\(\) sets the seed differently in run 1"),
     ("objects per run", r"FixedNetwork\.build\(\) made every_run in run 0"),
+    ("value after an expression", r"fixed\.v is set to a value after an expression"),
 ])
 def test_standalone_refuses_what_cannot_reach_the_program_before_compiling(
         standalone_folder, scenario, message):
@@ -1951,6 +1955,29 @@ def test_failing_run_names_index_and_values_and_keeps_finished_runs(tmp_path, nc
 # --------------------------------------------------------------------------------------------------
 # Several processes, SCOOP, resume: the same numbers as one process
 # --------------------------------------------------------------------------------------------------
+
+
+def test_both_experiments_on_cpp_standalone_compile_once_and_find_the_same(tmp_path):
+    """--device cpp_standalone: one program per experiment, compiled once; every run one execution
+    with its own R_ee or strength (the C++ generator draws other synapses than numpy's, so the
+    numbers are its own, the findings the same)."""
+    done = run_script(*TINY, "--device", "cpp_standalone", "--ncores", "2", "--no-plots",
+                      "--out", str(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled '")]
+    assert [line.split("'")[1] for line in compiled] == list(EXPERIMENT_NAMES)
+    for name, runs in ((cn.TRAJECTORY_NAME, R_TINY), (cn.STIMULUS_TRAJECTORY_NAME, STRENGTHS_TINY)):
+        assert sorted(os.listdir(tmp_path / "standalone" / name)).count("main") == 1
+        assert not [d for d in os.listdir(tmp_path / "standalone" / name) if d.startswith("results_")]
+        assert done.stdout.count(f"/{len(runs)} done in") >= len(runs)
+    filename = str(tmp_path / cn.HDF5_NAME)
+    rows = cn.sweep_rows(cn.load_sweep(filename))
+    assert [row["R_ee"] for row in rows] == R_TINY
+    assert len({row["rate_e"] for row in rows}) == len(R_TINY)  # R_ee reached every execution
+    control, driven = cn.stimulus_rows(cn.load_sweep(filename, cn.STIMULUS_TRAJECTORY_NAME))
+    # Both runs start from the one pre-run's state, and only the stimulus differs.
+    assert control["rate_spontaneous"] == driven["rate_spontaneous"]
+    assert driven["rate_stimulus"] > control["rate_stimulus"]
 
 
 def test_two_cores_store_the_same_numbers_as_one(reference_numbers, tmp_path):
