@@ -512,9 +512,6 @@ class CNNetworkRunner(NetworkRunner):
         add_subrun(traj, "simulation.durations.measurement_run", self.measurement_run, 1,
                    "Recorded and analysed")
 
-    def build(self, traj, brian_list, network_dict):
-        network_dict["wall_start"] = time.time()  # for the run's "done in" line (print_done)
-
 
 class CNStimulusRunner(CNNetworkRunner):
     """The stimulus experiment's subruns: a pre-run that lets the network settle (run once, spec
@@ -786,11 +783,11 @@ class CNFanoFactorComputer(NetworkAnalyser):
             comment="Mean Fano factor of E spike counts at analysis.mean_fano_window",
         )
         ff_text = " ".join(f"{w * 1000:g}ms:{f:.2f}" for w, f in zip(traj.analysis.fano_windows, ff))
-        print_done(traj, network_dict, f"FF {ff_text}")
+        print_done(traj, f"FF {ff_text}")
 
 
-def print_done(traj, network_dict, text):
-    wall = time.time() - network_dict.get("wall_start", time.time())
+def print_done(traj, text):
+    wall = time.time() - run_started.get(traj.v_idx, time.time())
     say(f"run {traj.v_idx + 1}/{len(traj)} done in {wall:.0f} s on {socket.gethostname()}: "
         f"{explored_text(traj)}; {text}")
 
@@ -921,7 +918,7 @@ class CNQuenchingAnalyser(CNFanoFactorComputer):
             comment="FF and mean rate of E neurons without and with the stimulus",
         )
         print_done(
-            traj, network_dict,
+            traj,
             f"FF {float(windows[-1] / ms):g}ms {stats['ff_spontaneous'][-1]:.2f} -> "
             f"{stats['ff_stimulus'][-1]:.2f}, E rate {float(stats['rate_spontaneous'] / Hz):.2f} "
             f"-> {float(stats['rate_stimulus'] / Hz):.2f} Hz",
@@ -935,11 +932,15 @@ class CNQuenchingAnalyser(CNFanoFactorComputer):
 # ---------------------------------------------------------------------------------------------------
 
 
+run_started = {}  # run index: when this process started it (for the "done in" lines)
+
+
 class RunsSaid:
     """For a brian2pet manager: each run says when it starts, and a failing run raises an error
     naming the run and its explored values."""
 
     def run_network(self, traj):
+        run_started[traj.v_idx] = time.time()
         say(f"run {traj.v_idx + 1}/{len(traj)} started: {explored_text(traj)}")
         try:
             super().run_network(traj)
