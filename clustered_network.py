@@ -29,7 +29,9 @@ table per experiment. ``--experiment`` picks one, ``python -m scoop -n N cluster
 Speed: the objects that run every time step use Brian2's cython target when a C compiler works
 (``--target auto``, compiled once into Brian2's cache), numpy otherwise (about three times slower
 per run). Code that runs once, such as drawing the synapses, always uses numpy, so the network of a
-run is the same for every target.
+run is the same for every target. ``--device cpp_standalone`` instead compiles each experiment once
+into a C++ program that every run executes with its own R_ee or strength (brian2pet section 7): about
+twice as fast per run, with synapses drawn by the program's generator.
 
 The file reads top to bottom as the brian2pet documentation's main script does (spec 7.3):
 parameters and model helpers; components (neurons, connections, stimulus); runners; analysers
