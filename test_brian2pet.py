@@ -1014,39 +1014,33 @@ class PerRunGroup(Cell):  # build(): a new object in every run, also after pre_b
 
 
 class MonitorPerRun(Cell):  # add_to_network(): a new monitor for `second`; out again after it
+    key = "monitor_per_run"
+
     def add(self, objects, network, subrun, x):
         if subrun == "second":
-            objects["monitor_per_run"] = StateMonitor(objects[self.name], "v", record=0,
-                                                      name="monitor_per_run")
-            network.add(objects["monitor_per_run"])
+            objects[self.key] = StateMonitor(objects[self.name], "v", record=0, name=self.key)
+            network.add(objects[self.key])
 
     def analyse(self, objects, network, subrun, subrun_list, x, store):
         if subrun == "second":
-            store(f"traces.{self.name}", v=np.array(objects["monitor_per_run"].v[0]))
+            store(f"traces.{self.name}", v=np.array(objects[self.key].v[0]))
 
     def remove(self, objects, network, subrun, x):
         if subrun == "second":
-            network.remove(objects["monitor_per_run"])
+            network.remove(objects[self.key])
 
 
-class PreBuiltMonitor(Cell):  # pre_build() makes a monitor, add_to_network() adds it for `second`
+class PreBuiltMonitor(MonitorPerRun):  # the monitor made in pre_build(), added for `second`
+    key = "pre_built_monitor"
+
     def make(self, objects):
         made = super().make(objects)
-        objects["pre_built_monitor"] = StateMonitor(objects[self.name], "v", record=0,
-                                                    name="pre_built_monitor")
+        objects[self.key] = StateMonitor(objects[self.name], "v", record=0, name=self.key)
         return made  # not in brian_list: the network gets it only when added
 
     def add(self, objects, network, subrun, x):
         if subrun == "second":
-            network.add(objects["pre_built_monitor"])
-
-    def analyse(self, objects, network, subrun, subrun_list, x, store):
-        if subrun == "second":
-            store(f"traces.{self.name}", v=np.array(objects["pre_built_monitor"].v[0]))
-
-    def remove(self, objects, network, subrun, x):
-        if subrun == "second":
-            network.remove(objects["pre_built_monitor"])
+            network.add(objects[self.key])
 
 
 class TakenOut(Cell):  # remove_from_network(): the pre-built group leaves after `first`
