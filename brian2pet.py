@@ -2170,7 +2170,12 @@ class StandaloneNetworkManager(NetworkManager):
             run_values, _ = self._build_run(traj)
             traj.f_restore_default()
             self._run_program("results_0", run_values)
+            before = dict(self._network_dict)
             self._analyse(traj, network, self._network_dict, noted_pre_run)
+            # What the pre-run's analysers put into network_dict, every run finds there too.
+            self._program["network_dict"].update(
+                (key, value) for key, value in self._network_dict.items()
+                if before.get(key, before) is not value)
 
     def _record_subruns(self, traj, network, network_dict, noted, pre_run=False):
         """The runner's subruns into the program, each noted for analysis after it ran."""
