@@ -1502,8 +1502,10 @@ class FixedSpikes(NetworkAnalyser):
     def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
         if current_subrun.v_name == "warmup":
             traj.f_add_result("warmup", v=np.asarray(network_dict["warmup"].v), t_end=float(network.t / ms))
+            network_dict["warmup ended"] = float(network.t / ms)  # for every run to find
         elif current_subrun.v_name == "measure":
             traj.f_add_result(Brian2MonitorResult, "spikes", network_dict["monitor"])
+            traj.f_add_result("warmup_ended", network_dict.get("warmup ended", -1.0))
             traj.f_add_result("t_end", float(network.t / ms))
         elif self.scenario == "adds a subrun":
             subrun_list.append(Brian2Parameter("simulation.more", 1 * ms))
@@ -1558,6 +1560,7 @@ def run_standalone_scenario(scenario, device, ncores, folder):
         spikes = back.f_get(f"results.runs.{name}.spikes")
         runs.append({"t": np.asarray(spikes.t / second).tolist(), "i": np.asarray(spikes.i).tolist(),
                      "t_init": back.f_get(f"results.runs.{name}.t_init").f_get(),
+                     "warmup_ended": back.f_get(f"results.runs.{name}.warmup_ended").f_get(),
                      "t_end": back.f_get(f"results.runs.{name}.t_end").f_get()})
     unchanged = device == "runtime" or compiled == os.stat(os.path.join(program, "main")).st_mtime_ns
     warmup = back.f_get("results.warmup") if back.f_contains("results.warmup") else None
@@ -1600,6 +1603,8 @@ def test_standalone_gives_the_runtime_spikes_for_every_explored_value(standalone
     start = 10.0 if scenario == "pre-run" else 0.0
     assert [(run["t_init"], run["t_end"]) for run in standalone["runs"]] == [
         (start + 20, start + 70)] * 3
+    # What the pre-run's analysers put into network_dict, every run finds there.
+    assert [run["warmup_ended"] for run in standalone["runs"]] == [start or -1.0] * 3
     # After a pre-run, every run starts from its state (the spikes above), and it was analysed
     # and stored once.
     assert (standalone["pre-run"] is not None) == (scenario == "pre-run")
