@@ -2724,6 +2724,16 @@ def under_strace(out, ncores, inject=None, trace_file=os.devnull):
     return process.returncode, stdout, stderr
 
 
+def runs_held(filename, name):
+    """Indices of the runs of trajectory ``name`` that the HDF5 file holds results of."""
+    if not os.path.getsize(filename):  # an empty checkpoint: there was no file
+        return set()
+    with tables.open_file(filename) as h5:
+        where = f"/{name}/results/runs"
+        return {int(group._v_name.split("_")[1]) for group in h5.iter_nodes(where)} if (
+            where in h5) else set()
+
+
 def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=False):
     """One trial: the sweep gets a signal at its `when`-th write, then --resume must complete it."""
     out = tmp_path / f"{signal_name}_{ncores}_{when}"
@@ -2740,6 +2750,12 @@ def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=Fal
     if final:  # the last kill point must hit the final stores, after every run was counted
         assert finished == {cn.STIMULUS_TRAJECTORY_NAME: set(range(len(STRENGTHS_TINY)))}, (
             f"write {when} came before the final stores")
+    # Killed inside a write, the file goes back to its last checkpoint, and the runs stored after
+    # it run again (brian2pet's CheckpointedHDF5StorageService); every other finished run is kept.
+    filename = out / cn.HDF5_NAME
+    if (out / (cn.HDF5_NAME + ".writing")).exists():
+        finished = {name: runs & runs_held(f"{filename}.checkpoint", name)
+                    for name, runs in finished.items()}
     try:
         resumed = assert_resumes_to_reference(out, ncores, reference_numbers, finished)
     except AssertionError as error:
