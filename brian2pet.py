@@ -1086,7 +1086,8 @@ def _first_line(error):
 #     (brian2pet's runner raises it when Brian2 took Ctrl-C as a request to stop a subrun early), and
 #     an exception in a run keeps pypet from storing it. stop_cleanly_on_signals makes SIGTERM do the
 #     same, raising Terminated, so that `finally` clauses run (workers are stopped, files closed)
-#     instead of the process vanishing.
+#     instead of the process vanishing. Where Python cannot let the stop through (a handler that
+#     ran inside a finalizer), the next store raises it instead.
 # ---------------------------------------------------------------------------------------------------
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -1129,6 +1130,39 @@ def _raise_terminated(signum, frame):
     raise Terminated("SIGTERM")
 
 
+# Stops that a signal handler raised where Python cannot let an exception through (see
+# _note_swallowed_stops); _raise_swallowed_stop raises them where it can.
+_swallowed_stops = []
+
+
+def _note_swallowed_stops(previous_hook):
+    """A sys.unraisablehook for stop_cleanly_on_signals.
+
+    A signal handler runs wherever the main thread happens to be, also inside a ``__del__`` or a
+    weakref callback (Brian2 runs one whenever one of its objects dies). An exception raised there
+    cannot propagate: Python hands it to sys.unraisablehook, prints "Exception ignored in ...", and
+    carries on, so the run would go on to be stored as finished. This hook keeps such a stop instead
+    (making the signal pending again does not help: its handler would run inside this very hook), and
+    the storage service raises it before its next store. Other exceptions go to the previous hook.
+    """
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
+            _swallowed_stops.append(unraisable.exc_value)
+        else:
+            previous_hook(unraisable)
+    return hook
+
+
+def _raise_swallowed_stop():
+    """Raise the first stop (Terminated or KeyboardInterrupt) that arrived inside
+    stop_cleanly_on_signals where Python could not raise it, if there was one. The storage service
+    calls it before every store, so that the run such a stop interrupted is never stored."""
+    if _swallowed_stops:
+        stop = _swallowed_stops[0]
+        _swallowed_stops.clear()
+        raise type(stop)(*stop.args)
+
+
 def _not_a_stop(record):
     """Logging filter: False for pypet's report of a run that a stop ended, which is no error."""
     return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, Terminated)))
@@ -1144,12 +1178,17 @@ def stop_cleanly_on_signals():
     cuts a write, and the run it interrupts is never stored as finished.
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _note_swallowed_stops(previous_hook)
+    _swallowed_stops.clear()
     pypet_logger = logging.getLogger("pypet")
     pypet_logger.addFilter(_not_a_stop)
     try:
         yield
+        _raise_swallowed_stop()  # a stop swallowed after the last store still ends the block
     finally:
         pypet_logger.removeFilter(_not_a_stop)
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -1234,6 +1273,7 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
     checkpoint_share = 0.05
 
     def store(self, msg, stuff_to_store, *args, **kwargs):
+        _raise_swallowed_stop()
         if getattr(self, "_in_store", False) or self.is_open:
             # A store within a store (pypet stores a list item by item), or the file kept open from
             # an earlier store: that store's marker still covers the file.

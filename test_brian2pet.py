@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import weakref
 
 import brian2
 import numpy as np
@@ -3194,14 +3195,32 @@ class SignalInRun(NetworkComponent):
         brian_list.append(brian2.NetworkOperation(act, dt=0.1 * ms))
 
 
-def coupled_spikes(filename, name, environment_options, signal_at=None):
+class SignalInFinalizer(NetworkComponent):
+    """In the run with index ``run``, sends this process SIGTERM from inside a weakref callback, as
+    when the signal arrives while Brian2 forgets a dead object: Python swallows what a handler raises
+    there (CI saw it once, in Brian2's InstanceTrackerSet.remove)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def build(self, traj, brian_list, network_dict):
+        if traj.v_idx == self.run:
+            dying = brian2.NeuronGroup(1, "v : 1")
+            # signal.raise_signal runs the handler at once, inside the callback
+            SignalInFinalizer.keep = weakref.ref(
+                dying, lambda _: signal.raise_signal(signal.SIGTERM))
+            del dying
+
+
+def coupled_spikes(filename, name, environment_options, signal_at=None, extra=()):
     """Three runs of CoupledGroup, in this process, with pypet's own Environment given brian2pet's
-    storage through its storage_service argument; ``signal_at``: (signum, run) for SignalInRun."""
+    storage through its storage_service argument; ``signal_at``: (signum, run) for SignalInRun;
+    ``extra``: more components."""
     env = Environment(trajectory=name, filename=filename, log_config=None, log_stdout=False,
                       report_progress=False, dynamic_imports=[Brian2Parameter, Brian2MonitorResult],
                       storage_service=brian2pet.CheckpointedHDF5StorageService,
                       **environment_options)
-    extra = [SignalInRun(*signal_at)] if signal_at else []
+    extra = [SignalInRun(*signal_at)] if signal_at else list(extra)
     manager = NetworkManager(ThirtyMs(report=None), [CoupledGroup(), *extra], [RunSpikes()])
     manager.add_parameters(env.trajectory)
     env.trajectory.f_explore({"w": [0.0, 0.1, 0.2]})
@@ -3244,6 +3263,20 @@ def test_a_run_a_signal_stops_is_never_stored_as_finished_and_resumes(tmp_path, 
         np.testing.assert_array_equal(t1, t2)
         np.testing.assert_array_equal(i1, i2)
     assert len(whole[0][0]) < len(whole[2][0])  # the explored coupling acts
+
+
+def test_a_sigterm_python_swallows_in_a_finalizer_still_keeps_its_run_from_being_stored(tmp_path,
+                                                                                       capfd):
+    filename, resume_folder = str(tmp_path / "stop.hdf5"), str(tmp_path / "resume")
+    resumable = dict(resumable=True, resume_folder=resume_folder, delete_resume=False)
+    hook = sys.unraisablehook
+    with brian2pet.stop_cleanly_on_signals(), pytest.raises(brian2pet.Terminated):
+        coupled_spikes(filename, "stopped", resumable, extra=[SignalInFinalizer(1)])
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert sys.unraisablehook is hook  # the block put the hook back
+    assert brian2pet.finished_runs(resume_folder, "stopped") == [0]
+    with tables.open_file(filename) as h5:
+        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs")] == ["run_00000000"]
 
 
 # Forked workers
