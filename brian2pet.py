@@ -2215,7 +2215,7 @@ class StandaloneNetworkManager(NetworkManager):
             # What the pre-run's analysers put into network_dict, every run finds there too.
             self._program["network_dict"].update(
                 (key, value) for key, value in self._network_dict.items()
-                if before.get(key, before) is not value)
+                if key not in before or before[key] is not value)
 
     def _record_subruns(self, traj, network, network_dict, noted, pre_run=False):
         """The runner's subruns into the program, each noted for analysis after it ran."""
