@@ -66,9 +66,11 @@ from brian2 import (
     Subgroup,
     Synapses,
     defaultclock,
+    get_device,
     ms,
     prefs,
     second,
+    set_device,
 )
 from brian2 import seed as brian2_seed
 
@@ -983,8 +985,6 @@ def network_manager(args, name, **parts):
 def use_device(device):
     """Make Brian2 simulate on ``device`` from here on: 'runtime', or a standalone device, which
     builds a program of its own for every experiment (brian2pet section 7)."""
-    from brian2 import get_device, set_device
-
     if device == "runtime":
         return
     set_device(device, build_on_run=False)
@@ -1783,13 +1783,13 @@ def run_experiments(args, filename, resume_folder):
         traj = None
         if args.resume and unfinished(resume_folder, name):
             print(f"resuming '{name}'", flush=True)
+            settings = saved_settings(resume_folder, name)
             # On the device it was started on (without saved settings only its final stores are
             # left, which simulate nothing).
-            device = (saved_settings(resume_folder, name) or vars(args))["device"]
+            device = (settings or vars(args))["device"]
             traj = resume_experiment(argparse.Namespace(**{**vars(args), "device": device}),
                                      filename, resume_folder, name)
             if traj is None:
-                settings = saved_settings(resume_folder, name)
                 if settings is None:
                     sys.exit(f"clustered_network.py: error: nothing to resume in {resume_folder} "
                              f"for '{name}' (it finished, or never started with this --out)")
