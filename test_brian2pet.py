@@ -3212,15 +3212,13 @@ class SignalInFinalizer(NetworkComponent):
             del dying
 
 
-def coupled_spikes(filename, name, environment_options, signal_at=None, extra=()):
+def coupled_spikes(filename, name, environment_options, extra=()):
     """Three runs of CoupledGroup, in this process, with pypet's own Environment given brian2pet's
-    storage through its storage_service argument; ``signal_at``: (signum, run) for SignalInRun;
-    ``extra``: more components."""
+    storage through its storage_service argument; ``extra``: more components (the signal senders)."""
     env = Environment(trajectory=name, filename=filename, log_config=None, log_stdout=False,
                       report_progress=False, dynamic_imports=[Brian2Parameter, Brian2MonitorResult],
                       storage_service=brian2pet.CheckpointedHDF5StorageService,
                       **environment_options)
-    extra = [SignalInRun(*signal_at)] if signal_at else list(extra)
     manager = NetworkManager(ThirtyMs(report=None), [CoupledGroup(), *extra], [RunSpikes()])
     manager.add_parameters(env.trajectory)
     env.trajectory.f_explore({"w": [0.0, 0.1, 0.2]})
@@ -3244,7 +3242,7 @@ def test_a_run_a_signal_stops_is_never_stored_as_finished_and_resumes(tmp_path, 
     resumable = dict(resumable=True, resume_folder=resume_folder, delete_resume=False)
     SignalInRun.sent = False
     with brian2pet.stop_cleanly_on_signals(), pytest.raises(stop):
-        coupled_spikes(filename, "stopped", resumable, signal_at=(signum, 1))
+        coupled_spikes(filename, "stopped", resumable, extra=[SignalInRun(signum, 1)])
     assert brian2pet.finished_runs(resume_folder, "stopped") == [0]
     with tables.open_file(filename) as h5:
         assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs")] == ["run_00000000"]
