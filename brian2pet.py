@@ -52,12 +52,6 @@ checked by running pypet's own tests of pypet.brian2 against this module):
 """
 
 import ast
-import contextlib
-import re
-import signal
-import threading
-import uuid
-import weakref
 
 import numpy as np
 from brian2 import (
@@ -524,37 +518,10 @@ class NetworkAnalyser(NetworkComponent):
 # ---------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _sigint_noted():
-    """Yield a list that gets an entry when SIGINT arrives inside the block.
-
-    Brian2 turns the first Ctrl-C during ``Network.run`` into the same flag that ``brian2.stop()``
-    sets, so afterwards the two cannot be told apart. The signal handler is wrapped for the block
-    instead: it notes the signal and passes it on to the handler it replaces (Brian2's, which
-    requests the stop, or raises on a second Ctrl-C). Only the main thread may set handlers;
-    elsewhere nothing is noted.
-    """
-    noted = []
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield noted  # SIG_IGN or SIG_DFL: no handler that could turn Ctrl-C into a stop
-        return
-
-    def note_and_pass_on(signum, frame):
-        noted.append(signum)
-        previous(signum, frame)
-
-    signal.signal(signal.SIGINT, note_and_pass_on)
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _call(step, arguments):
-    """One part's step of a subrun. An error it raises gets a note (PEP 678, shown with the
-    traceback) naming the part, the step and the subrun, e.g. Brian2's refusal to add an object
-    again that this run simulated and took out (switch such an object with its `active` flag)."""
+def _call_step(step, arguments):
+    """One part's step of a subrun, e.g. ``component.add_to_network``. An error it raises gets a
+    note (PEP 678, printed with the traceback) naming the part, the step and the subrun: the
+    network may fail far from the component that caused it."""
     try:
         step(*arguments)
     except Exception as error:
@@ -563,37 +530,12 @@ def _call(step, arguments):
         raise
 
 
-@contextlib.contextmanager
-def _names_resolved():
-    """Turn Brian2's error for a name that no namespace defines into one that says where it goes.
-
-    Brian2 (2.9 and 2.11) wraps the KeyError 'The identifier "x" could not be resolved.' into an
-    error about the object that uses it; the name itself is only in the chained error.
-    """
-    try:
-        yield
-    except Exception as error:
-        cause = error.__cause__
-        unresolved = re.search(r'identifier "(\w+)" could not be resolved', str(cause or ""))
-        if not isinstance(cause, KeyError) or unresolved is None:
-            raise
-        name = unresolved.group(1)
-        owner = re.search(r"object named '([^']+)'", str(error))
-        user = f"`{owner.group(1)}`" if owner else "an object of this network"
-        raise NameError(
-            f"The name `{name}` used by {user} is defined by no namespace. "
-            f"brian2pet runs networks with an empty run namespace, so nothing is taken from the "
-            f"calling frames: pass it where the object is made, e.g. "
-            f"NeuronGroup(..., namespace={{'{name}': ...}})."
-        ) from error
-
-
 class NetworkRunner(NetworkComponent):
-    """Simulates a network subrun by subrun. Subclass it to add the duration parameters.
+    """Simulates a network subrun by subrun. Subclass it to add the subruns' durations (7.4.2).
 
-    Subruns are the Brian2Parameters in ``durations_group_name`` (``pre_durations_group_name`` for
-    a pre-run), run in ascending ``v_annotations.order``. ``report`` and ``report_period`` are
-    passed to Brian2's ``Network.run``.
+    The subruns are the Brian2Parameters in the group ``durations_group_name`` (for a pre-run,
+    ``pre_durations_group_name``), run in ascending ``v_annotations.order``. ``report`` and
+    ``report_period`` are passed to Brian2's ``Network.run``.
     """
 
     def __init__(
@@ -655,140 +597,126 @@ class NetworkRunner(NetworkComponent):
             )
         return [by_order[order] for order in sorted(by_order)]
 
-    # On a standalone device (section 7) nothing runs while the subruns are recorded: the manager
-    # then sets a list here, to which step 3 appends each subrun and the time it ends at instead of
-    # analysing it; the analysers see it once the compiled program ran.
-    _noted_subruns = None
-
     def _execute_network_run(
         self, traj, network, network_dict, component_list, analyser_list, pre_run=False
     ):
-        """Run every subrun through the four steps of spec 7.5 (figure 'network run').
-
-        Stopped early, a subrun is analysed only if the model asked for it:
-
-        - Ctrl-C (SIGINT) during ``Network.run``: Brian2 finishes the time step and returns early
-          without an error. Here the subrun then ends in ``KeyboardInterrupt``, before any analyser
-          sees it, so pypet never stores the truncated run as finished (a resumed sweep redoes it).
-          A second Ctrl-C raises inside Brian2, as usual.
-        - An explicit Brian2 ``stop()`` (``Network.stop`` or ``brian2.stop``, e.g. from a
-          network_operation) is the model's own choice: the subrun counts as done after the time
-          actually simulated (``network.t`` says how far it got), the analysers run as usual and
-          the next subrun starts. An analyser that wants the run to end there empties
-          ``subrun_list``.
-        """
-        # subrun_list is live: analysers see it and may empty it (cancel the rest of this run, e.g.
-        # on pathological activity) or append to it (run longer). Hence a while loop, not a for.
+        """Run every subrun through the four steps of spec 7.5 (figure 'network run')."""
+        # subrun_list is live: an analyser may empty it (cancel the rest of this run, say on
+        # pathological activity) or append to it (run longer). Hence a while loop, not a for.
         subrun_list = self._extract_subruns(traj, pre_run=pre_run)
-        subrun_number = 0
         while subrun_list:
             current_subrun = subrun_list.pop(0)
             arguments = (traj, network, current_subrun, subrun_list, network_dict)
 
-            # Step 1, add_to_network: components, then analysers, then the runner itself.
-            for component in component_list:
-                _call(component.add_to_network, arguments)
-            for analyser in analyser_list:
-                _call(analyser.add_to_network, arguments)
-            _call(self.add_to_network, arguments)
+            # 1. add_to_network: components, then analysers, then the runner itself.
+            for part in [*component_list, *analyser_list, self]:
+                _call_step(part.add_to_network, arguments)
 
-            # Step 2, run: simulate for the duration held by the current subrun. The run namespace
-            # is empty: Brian2 would otherwise look up a name that no namespace= defines in the
-            # frame calling run(), which is this one and never the user's script, so a model using
-            # `duration` would silently get this function's local variable (_names_resolved).
+            # 2. run: simulate for the duration the current subrun holds. The run namespace is
+            # empty: Brian2 would otherwise look a name that no namespace= defines up in the frame
+            # calling run(), which is this one and never the user's script (a model using
+            # `duration` would get this method's variable). Such a name is Brian2's error instead.
             duration = current_subrun.f_get()
-            self._logger.info(
-                f"Subrun `{current_subrun.v_name}` (#{subrun_number}) for {duration}"
-            )
-            with _sigint_noted() as sigint, _names_resolved():
-                network.run(duration, report=self._report, report_period=self._report_period,
-                            namespace={})
-            if sigint:  # Brian2 took Ctrl-C as a stop request; the subrun is not what was asked
-                raise KeyboardInterrupt(
-                    f"Ctrl-C stopped subrun `{current_subrun.v_name}` at t = {network.t}, before "
-                    f"its end; the run is not analysed"
-                )
+            self._logger.info(f"Subrun `{current_subrun.v_name}` for {duration}")
+            network.run(duration, report=self._report, report_period=self._report_period,
+                        namespace={})
 
-            # Step 3, analyse: every analyser, in the order the manager was given them.
-            if self._noted_subruns is not None:
-                self._noted_subruns.append((current_subrun, network.t_))
-            else:
-                for analyser in analyser_list:
-                    _call(analyser.analyse, arguments)
-
-            # Step 4, remove_from_network: the reverse of step 1 - runner, analysers, components.
-            _call(self.remove_from_network, arguments)
+            # 3. analyse: every analyser, in the order the manager was given them.
             for analyser in analyser_list:
-                _call(analyser.remove_from_network, arguments)
-            for component in component_list:
-                _call(component.remove_from_network, arguments)
-            subrun_number += 1
+                _call_step(analyser.analyse, arguments)
+
+            # 4. remove_from_network: the runner, then analysers, then components.
+            for part in [self, *analyser_list, *component_list]:
+                _call_step(part.remove_from_network, arguments)
 
 
 # ---------------------------------------------------------------------------------------------------
 # 5. The manager (spec 7.2, 7.3): builds networks and hands them to the runner
 #
-# Every run of an exploration starts from the same START, and then build() acts (7.3: "The state
+# Every run of an exploration starts from the same START, and then build() acts (spec 7.3: "The state
 # after the pre run is preserved for all coming simulation runs"). The start is what the runs met
 # when they began:
 #   - the objects pre_build made, in ONE Network holding what brian_list held after pre_build (plus
-#     whatever the pre-run left in it), in the state they had after pre_build or the pre-run: state
-#     variables (shared and constant ones too), the operations attached to them (run_regularly),
-#     their namespaces and active flags. Brian2 refuses to put an object that one Network simulated
-#     into another, hence one Network, whose state is stored and restored;
-#   - every other object pre_build or the pre-run made (say, a monitor that a component adds only
-#     in some subruns), in its state of then, free to be added to a run's network again;
-#   - the random state of the moment the runs began (see run_network).
+#     whatever the pre-run added to it), in their state after pre_build or the pre-run: state
+#     variables, the operations attached to them (run_regularly), namespaces and active flags.
+#     Brian2 refuses to put an object that one Network simulated into another, hence one Network,
+#     whose state is stored once and restored at every run's start;
+#   - every other object pre_build or the pre-run made (a monitor a component adds only in some
+#     subruns), in its state of then, free to be added to a run's network again;
+#   - Brian2's random state of the moment the runs began (section 6 keeps it as numbers).
 # Whatever a run builds, adds to the network or attaches to a pre-built object leaves with it. With
 # nothing pre-built, each run simply gets a new Network of its own objects.
 #
-# So a run gives the same numbers wherever it runs: in one process after other runs; in a process
-# forked from the main script (pypet's multiprocessing), which sees the start as the main script
-# left it; or in a pickled copy of the manager (SCOOP, pypet's resume), which redoes pre_build and
-# the pre-run once in its process, from the same random state, without storing their results again.
+# So a run gives the same numbers wherever it runs: in one process after other runs, or in a process
+# forked from the main script (spec 7.3.1), which sees the start as the main script left it. A pickled
+# copy of the manager (SCOOP, pypet's resume) makes the start again in its process (section 7.3).
 # ---------------------------------------------------------------------------------------------------
 
 
 def _live_brian_objects():
     # Brian2 keeps weak references to every BrianObject it makes (Trackable.__instances__, what its
-    # magic network and collect() use), which finds pre-built objects wherever a component keeps
-    # them: in brian_list, network_dict or its own attributes. Tested with Brian2 2.9 and 2.11.
+    # magic network uses): they find pre-built objects wherever a component keeps them, in
+    # brian_list, network_dict or its own attributes. Tested with Brian2 2.9 and 2.11.
     return {ref() for ref in BrianObject.__instances__()} - {None}
 
 
-class _Start:
-    """The start of every run when objects are pre-built: takes it, brings it back, tidies up.
+def _check_brian_list(part, method_name, brian_list):
+    # At once, while we know whom to blame: Network() would fail later, far from the component.
+    for item in brian_list:
+        if not isinstance(item, BrianObject):
+            raise TypeError(
+                f"{type(part).__name__}.{method_name}() put {item!r} ({type(item).__name__}) into "
+                f"brian_list. brian_list is passed to Network(*brian_list) and holds Brian2 objects "
+                f"only, one by one (no nested lists); put other shared items into network_dict."
+            )
 
-    Reaches into Brian2 where Network.store/restore stop (Brian2 2.9 and 2.11): ``_full_state`` and
-    ``_restore_from_full_state`` (what Network.store and restore call on each object) for pre-built
-    objects outside the network, and ``_network``, Brian2's mark that an object was simulated, which
-    makes ``Network.add`` refuse it even in the network that simulated it.
+
+def _copy_for_one_run(value):
+    """A run's own copy of a network_dict value: lists, tuples, dicts, sets and arrays (nested too)
+    are copied, so that what one run appends to a pre-built list no later run sees; Brian2 objects
+    and anything else are shared."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if type(value) in (list, tuple, set):
+        return type(value)(_copy_for_one_run(item) for item in value)
+    if type(value) is dict:
+        return {key: _copy_for_one_run(item) for key, item in value.items()}
+    return value
+
+
+class _RunStart:
+    """The start of every run once something is pre-built: ``restore`` brings it back,
+    ``remove_run_additions`` takes off what a run added to the network and to pre-built objects.
+
+    Reaches into Brian2 (2.9 and 2.11) where Network.store and restore stop: ``_full_state`` and
+    ``_restore_from_full_state`` (what they call on each object) for pre-built objects outside the
+    network, and ``_network``, Brian2's mark that an object was simulated, with which Network.add
+    refuses it, even in the network that simulated it.
     """
 
-    def __init__(self, network, pre_built):
+    def __init__(self, network, objects_before_pre_build):
         self.network = network
         network.store("brian2pet_start")
         self.members = set(network.objects)
-        in_network = set(network)  # the members and everything they contain
-        self.pre_built = pre_built
-        self.outside = {obj: obj._full_state() for obj in pre_built - in_network
+        self.pre_built = _live_brian_objects() - objects_before_pre_build
+        in_network = set(network)  # the members and the objects they contain
+        self.outside = {obj: obj._full_state() for obj in self.pre_built - in_network
                         if hasattr(obj, "_full_state")}
-        self.attached = {obj: list(obj.contained_objects) for obj in pre_built}
-        self.active = {obj: obj.active for obj in pre_built}
-        self.namespaces = {obj: (obj.namespace, dict(obj.namespace)) for obj in pre_built
+        self.attached = {obj: list(obj.contained_objects) for obj in self.pre_built}
+        self.active = {obj: obj.active for obj in self.pre_built}
+        # A run may change a namespace's entries or give an object another namespace dict.
+        self.namespaces = {obj: (obj.namespace, dict(obj.namespace)) for obj in self.pre_built
                            if isinstance(getattr(obj, "namespace", None), dict)}
 
-    def bring_back(self):
-        """Make the network and every pre-built object what they were at the start."""
-        network = self.network
-        self.tidy_up()
-        for obj in self.pre_built - set(network.objects):
-            if obj._network == network.id:  # simulated here by an earlier run, then taken out
+    def restore(self):
+        self.remove_run_additions()
+        for obj in self.pre_built - set(self.network.objects):
+            if obj._network == self.network.id:  # simulated here by an earlier run, then taken out
                 obj._network = None
-        network.add(*(self.members - set(network.objects)))
+        self.network.add(*(self.members - set(self.network.objects)))
         for obj, state in self.outside.items():
             obj._restore_from_full_state(state)
-        network.restore("brian2pet_start")
+        self.network.restore("brian2pet_start")
         for obj, active in self.active.items():
             obj.active = active
         for obj, (namespace, entries) in self.namespaces.items():
@@ -796,23 +724,10 @@ class _Start:
             namespace.update(entries)
             obj.namespace = namespace
 
-    def tidy_up(self):
-        """Take out of the network what a run added, and off pre-built objects what it attached."""
+    def remove_run_additions(self):
         self.network.remove(*(set(self.network.objects) - self.members))
         for obj, attached in self.attached.items():
             obj.contained_objects[:] = attached
-
-
-# A pickled copy of a manager (see NetworkManager.__getstate__) redoes pre_build and the pre-run in
-# its process once, not once per run: SCOOP hands every run a new copy, and the copies of one
-# exploration find here the manager that already did it in this process (the original itself, in the
-# main script's process). One exploration at a time: pre_build of a new one forgets the old one.
-_prepared = {}  # {token of an exploration's manager: that manager, or a weak reference to it}
-
-
-def _prepared_manager(token):
-    manager = _prepared.get(token)
-    return manager() if isinstance(manager, weakref.ref) else manager
 
 
 class NetworkManager(HasLogger):
@@ -828,233 +743,254 @@ class NetworkManager(HasLogger):
         self.analysers = analyser_list
         self.network_runner = network_runner
         self._network_constructor = Network if network_constructor is None else network_constructor
-        self._brian_list = []  # pre-built objects only
-        self._network_dict = {}  # pre-built shared items only
+        self._brian_list = []  # what pre_build made, and
+        self._network_dict = {}  # what it shared
         self._pre_built = False
         self._pre_run = False
-        self._start = None  # a _Start once objects are pre-built
+        self._objects_before_pre_build = set()
+        self._start = None  # a _RunStart once something is pre-built
         self._random_state = None  # Brian2's random state at the start of every run
-        self._token = uuid.uuid4().hex  # names this exploration's manager and its pickled copies
-        # For a pickled copy: what it must redo ("pre_build", "pre_run" or None), and the random
-        # state and the names of the results and derived parameters when pre_build began.
-        self._redo = None
-        self._before_pre_build = None
         self._set_logger()
 
-    def _parts(self):
-        """Components, analysers, then the runner: the order of every manager step (7.3)."""
+    def _parts_in_order(self):
+        """Components, analysers, then the runner: the order of every manager step (spec 7.3)."""
         return [*self.components, *self.analysers, self.network_runner]
 
     def add_parameters(self, traj):
         """Let every component, analyser and the runner add its parameters to ``traj``."""
-        for part in self._parts():
+        for part in self._parts_in_order():
             part.add_parameters(traj)
 
     def pre_build(self, traj):
         """Build, once, what stays the same in every run (spec 7.3, optional)."""
-        objects_before = self._pre_build(traj)
-        self._take_start(self._network_constructor(*self._brian_list), objects_before)
-
-    def _pre_build(self, traj):
         if self._pre_built:
             # pypet.brian2 would build every pre-built object a second time and simulate both.
             raise RuntimeError(
-                "This manager is already pre-built; pre_build may be called once, and "
-                "pre_run_network calls it by itself (call pre_run_network instead of pre_build, "
-                "not after it). Make a new NetworkManager for a new exploration."
+                "This manager is already pre-built; pre_build builds once (pre_run_network calls "
+                "it when it was not called). Make a new NetworkManager for a new exploration."
             )
-        _prepared.clear()  # a new exploration: a copy of an earlier one is needed no more
-        self._before_pre_build = (_random_state(), _added_names(traj))
-        objects_before = _live_brian_objects()
-        self._call_builders("pre_build", traj, self._brian_list, self._network_dict)
+        _note_what_copies_redo(self, traj)  # a pickled copy redoes pre_build (section 7.3)
+        self._objects_before_pre_build = _live_brian_objects()
+        for part in self._parts_in_order():
+            part.pre_build(traj, self._brian_list, self._network_dict)
+            _check_brian_list(part, "pre_build", self._brian_list)
         self._pre_built = True
-        return objects_before
-
-    def _take_start(self, network, objects_before):
-        self._start = _Start(network, _live_brian_objects() - objects_before)
-        # A pickled copy of this manager in this process takes over what it made (see _prepared).
-        _prepared[self._token] = self if self._redo_done else weakref.ref(self)
-
-    _redo_done = False  # True in a pickled copy once it redid pre_build (it then keeps itself)
+        self._take_start(self._network_constructor(*self._brian_list))
 
     def build(self, traj):
         """Build one run's objects; returns that run's ``(brian_list, network_dict)``.
 
-        Both start as copies of what pre_build made, so nothing built here outlives the run. Values
-        of network_dict that are containers or arrays are copied too: a run that changes one in
-        place changes it for itself only.
+        Both start as copies of what pre_build made, so nothing built here outlives the run.
         """
         brian_list = list(self._brian_list)
-        network_dict = {key: _own_copy(value) for key, value in self._network_dict.items()}
-        self._call_builders("build", traj, brian_list, network_dict)
+        network_dict = {key: _copy_for_one_run(value) for key, value in self._network_dict.items()}
+        for part in self._parts_in_order():
+            part.build(traj, brian_list, network_dict)
+            _check_brian_list(part, "build", brian_list)
         return brian_list, network_dict
 
-    def _call_builders(self, method_name, traj, brian_list, network_dict, parts=None):
-        for part in self._parts() if parts is None else parts:
-            getattr(part, method_name)(traj, brian_list, network_dict)
-            # Check at once, while we still know whom to blame; Network() would fail much later
-            # and far from the component that caused it.
-            for item in brian_list:
-                if not isinstance(item, BrianObject):
-                    raise TypeError(
-                        f"{type(part).__name__}.{method_name}() put {item!r} "
-                        f"({type(item).__name__}) into brian_list. brian_list is passed to "
-                        f"Network(*brian_list) and holds Brian2 objects only, one by one (no nested "
-                        f"lists); put other shared items into network_dict."
-                    )
-
     def pre_run_network(self, traj):
-        """Pre-build, then simulate the pre-durations once; every run starts from that state."""
-        objects_before = self._pre_build(traj)
+        """Pre-build (unless done), then simulate the pre-durations once; every run starts from
+        the state that leaves (spec 7.3)."""
+        if not self._pre_built:
+            self.pre_build(traj)
         self._logger.info("Pre-running the network")
-        network = self._network_constructor(*self._brian_list)
+        network = self._start.network
         self.network_runner.execute_network_pre_run(
             traj, network, self._network_dict, self.components, self.analysers
         )
         self._pre_run = True
-        self._take_start(network, objects_before)
+        self._take_start(network)
+
+    def _take_start(self, network):
+        """What every run starts from: ``network`` and the pre-built objects, as they are now."""
+        self._start = _RunStart(network, self._objects_before_pre_build)
 
     def run_network(self, traj):
         """One run of the exploration: pass this to ``Environment.run`` (spec 7.3).
 
-        Every run starts from the start described above (section 5) and the same random state:
-        Brian2's, as it was when the first run began (in the main script's process, or when pypet
-        pickled this manager for SCOOP or resume). Runs therefore draw the same random numbers
-        unless they seed themselves, e.g. ``brian2.seed(traj.trial)`` in a build() with an
-        explored parameter ``trial``. Spread over processes or not, a run's numbers are the same.
+        Every run starts from the start described above (section 5), with Brian2's random state as
+        it was when the first run began (in this process, or when pypet pickled this manager).
+        Runs therefore draw the same random numbers unless they seed themselves, e.g.
+        ``brian2.seed(traj.trial)`` in a build() with an explored parameter ``trial``.
         """
-        if self._redo is not None:
-            self._redo_in_this_process(traj)
+        if self._copy_redoes is not None:  # a pickled copy, in a new process (section 7.3)
+            _redo_in_this_process(self, traj)
         if self._random_state is None:
             self._random_state = _random_state()
         if self._start is not None:
-            self._start.bring_back()
+            self._start.restore()
         _set_random_state(self._random_state)
 
         brian_list, network_dict = self.build(traj)
-        self._log_explored_values(traj)
         if self._start is None:
             network = self._network_constructor(*brian_list)
         else:
             network = self._start.network
             network.add(*[obj for obj in brian_list if obj not in self._start.members])
         try:
-            self.network_runner.execute_network_run(
-                traj, network, network_dict, self.components, self.analysers
-            )
+            with _collecting_only_the_runs_garbage():  # cost per run flat (section 7.7)
+                self.network_runner.execute_network_run(
+                    traj, network, network_dict, self.components, self.analysers
+                )
         finally:
             if self._start is not None:
-                self._start.tidy_up()
+                self._start.remove_run_additions()
+
+    _copy_redoes = None  # in a pickled copy: "pre_build" or "pre_run", to redo (section 7.3)
 
     def __getstate__(self):
-        # pypet pickles the run function, and with it this manager, for resumable explorations and
-        # for SCOOP workers. Most Brian2 objects cannot be pickled: a copy travels without what
-        # pre_build and the pre-run made and redoes them in its process before its first run. The
-        # runs' random state is fixed now, if no run fixed it yet, so that copies and original agree.
-        if self._random_state is None:
-            self._random_state = _random_state()
-        state = dict(super().__getstate__())
-        done = "pre_run" if self._pre_run else "pre_build" if self._pre_built else None
-        state.update(_brian_list=[], _network_dict={}, _pre_built=False, _pre_run=False,
-                     _start=None, _redo=self._redo or done)
-        return state
+        # pypet pickles the run function, and with it this manager, for SCOOP's workers and to
+        # resume; most Brian2 objects cannot be pickled. A copy travels without them (section 7.3).
+        return _state_of_a_copy(self, super().__getstate__())
 
-    def _redo_in_this_process(self, traj):
-        """In a pickled copy: make what the original made before its runs, once per process.
 
-        The redo sees what the original's pre_build saw: the parameters' default values (run
-        index -1), the results and derived parameters of then, and the same random state. It works
-        on a copy of the trajectory, so that what pre_build and the pre-run add to it (the pre-run's
-        analysers' results, stored with the original trajectory already) is not stored again.
-        """
-        redo, self._redo = self._redo, None
-        prepared = _prepared_manager(self._token)
-        if prepared is not None and prepared._start is not None:
-            self._logger.info(f"Taking over the {redo} made in this process")
-            self._brian_list, self._network_dict = prepared._brian_list, prepared._network_dict
-            self._start, self._pre_built, self._pre_run = prepared._start, True, prepared._pre_run
-            return
-        self._logger.info(f"Redoing the original manager's {redo} in this process")
-        random_state, names = self._before_pre_build
-        as_before = traj.f_copy(copy_leaves="explored")
-        as_before.f_restore_default()
-        for name in _added_names(as_before) - names:
-            as_before.f_remove_item(name)
-        _set_random_state(random_state)
-        self._redo_done = True
-        if redo == "pre_run":
-            self.pre_run_network(as_before)
-        else:
-            self.pre_build(as_before)
+# ===================================================================================================
+# Beyond the spec. Sections 1-5 are the spec's framework; below is what brian2pet adds to it.
+# ===================================================================================================
+#
+# 6. Every run from the same random numbers: Brian2's random state, kept as numbers
+#
+# Section 5 gives every run Brian2's random state of the moment the runs began, and a pickled copy of
+# the manager carries it to other processes. Brian2's get_random_state() is numpy's generator state
+# plus, for the cython target, the buffers of 20,000 numbers that rand() and randn() draw from. Brian2
+# 2.11 keeps a buffer's numbers in that state; Brian2 2.9 (the newest for Python 3.11) keeps only the
+# buffer's ADDRESS: set back after a run that used a buffer up (Brian2 then frees it and allocates
+# another), it points at freed memory, and in another process at nothing (wrong numbers, then
+# "double free or corruption" or a segmentation fault). So brian2pet keeps the state as numbers: the
+# numpy state, each buffer's index, and the numbers of a buffer in use (one at index 0 is refilled
+# before its next draw). A Brian2 that keeps its state in yet another way (its pull request #1745
+# moves the generator into C++) is refused, naming its version, rather than guessed at.
+# ---------------------------------------------------------------------------------------------------
 
-    def _log_explored_values(self, traj):
-        explored = traj.f_get_explored_parameters(copy=False)
-        values = ", ".join(f"{p.v_full_name} = {p.f_val_to_str()}" for p in explored.values())
-        self._logger.info(f"Running the network, run {traj.v_idx}: {values or 'nothing explored'}")
+import ctypes  # noqa: E402 - each section imports what only it needs
+
+import brian2  # noqa: E402
+
+_RANDOM_STATE_KEYS = {"numpy_state", "rand_buffer", "rand_buffer_index", "randn_buffer",
+                      "randn_buffer_index"}
+
+
+def _buffers_hold(state):
+    """'numbers' (Brian2 2.11) or 'address' (Brian2 2.9): what the buffers of Brian2's random
+    state hold. Raises for a state brian2pet does not know."""
+    buffer = np.asarray(state.get("rand_buffer")) if isinstance(state, dict) else None
+    if buffer is not None and set(state) == _RANDOM_STATE_KEYS:
+        if buffer.dtype == np.float64 and buffer.ndim == 1:
+            return "numbers"
+        if buffer.dtype == np.intp and buffer.shape == (1,):
+            return "address"
+    raise RuntimeError(
+        f"brian2pet does not know how Brian2 {brian2.__version__} keeps its random state "
+        f"(get_random_state() gives {type(state).__name__} "
+        f"{sorted(state) if isinstance(state, dict) else ''}); brian2pet was tested with Brian2 2.9 and 2.11. "
+        f"Runs would not start from the same random numbers: install brian2<2.12, or a brian2pet "
+        f"that knows this Brian2."
+    )
 
 
 def _random_state():
-    """Brian2's random state: numpy's generator and Brian2's buffers of random numbers. None on a
-    device whose generator lives outside Python (the standalone devices, section 7)."""
+    """Brian2's random state as numbers (see above); None on a device whose generator lives outside
+    Python (the standalone devices, section 8)."""
     try:
-        return get_device().get_random_state()
+        state = get_device().get_random_state()
     except NotImplementedError:
         return None
+    holds = _buffers_hold(state)
+    by_value = {"numpy_state": state["numpy_state"]}
+    for name in ("rand", "randn"):
+        index = int(np.asarray(state[f"{name}_buffer_index"])[0])
+        numbers = None
+        if index and holds == "numbers":
+            numbers = np.array(state[f"{name}_buffer"])
+        elif index:  # the buffer in use, read where Brian2 2.9's cython code keeps it
+            numbers = np.ctypeslib.as_array(
+                (ctypes.c_double * _buffer_size()).from_address(int(state[f"{name}_buffer"][0]))
+            ).copy()
+        by_value.update({f"{name}_buffer_index": index, f"{name}_buffer": numbers})
+    return by_value
 
 
 def _set_random_state(state):
-    if state is not None:
-        get_device().set_random_state(state)
+    """Make ``state`` (from _random_state, maybe of another process) Brian2's random state."""
+    if state is None:
+        return
+    device = get_device()
+    brian2_state = device.get_random_state()
+    if _buffers_hold(brian2_state) == "numbers":  # Brian2 2.11 takes numbers itself
+        brian2_state["numpy_state"] = state["numpy_state"]
+        for name in ("rand", "randn"):
+            brian2_state[f"{name}_buffer_index"] = np.array([state[f"{name}_buffer_index"]],
+                                                            dtype=np.int32)
+            if state[f"{name}_buffer"] is not None:
+                brian2_state[f"{name}_buffer"] = state[f"{name}_buffer"]
+        device.set_random_state(brian2_state)
+        return
+    # Brian2 2.9: its set_random_state would write an address. The numbers go where the cython code
+    # reads them instead, into the buffer of now.
+    np.random.set_state(state["numpy_state"])
+    for name in ("rand", "randn"):
+        getattr(device, f"{name}_buffer_index")[:] = state[f"{name}_buffer_index"]
+        numbers = state[f"{name}_buffer"]
+        if numbers is None:
+            continue  # index 0: the buffer is refilled from numpy before its next draw
+        address = getattr(device, f"{name}_buffer")
+        if address[0] == 0:  # this process never drew: give it a buffer, which Brian2 will free()
+            address[0] = _malloc(numbers.nbytes)
+        ctypes.memmove(int(address[0]), numbers.ctypes.data, numbers.nbytes)
 
 
-def _added_names(traj):
-    """Full names of the results and derived parameters that ``traj`` holds."""
-    return set(traj.f_get_results(copy=False)) | set(traj.f_get_derived_parameters(copy=False))
+def _buffer_size():
+    from brian2.codegen.generators import cython_generator
+
+    return cython_generator._BUFFER_SIZE  # 20,000 in Brian2 2.9
 
 
-def _own_copy(value):
-    """A run's own copy of a network_dict value: lists, tuples, dicts, sets and arrays (nested too)
-    are copied; Brian2 objects and anything else are shared."""
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if type(value) in (list, tuple, set):
-        return type(value)(_own_copy(item) for item in value)
-    if type(value) is dict:
-        return {key: _own_copy(item) for key, item in value.items()}
-    return value
+def _malloc(size):
+    try:
+        malloc = ctypes.CDLL(None).malloc
+    except (OSError, AttributeError, TypeError):
+        raise RuntimeError("brian2pet cannot reach the C library's malloc here, which Brian2 2.9's "
+                           "cython random numbers need in a new process: use Brian2 2.11 (Python "
+                           "3.12+) or the numpy target") from None
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    return malloc(size)
 
 
-# ===================================================================================================
-# Beyond the spec. Sections 1-5 are the spec's framework, and a reader of them needs nothing below.
-# ===================================================================================================
-#
-# 6. Long explorations: running for hours, and sharing the files
+# ---------------------------------------------------------------------------------------------------
+# 7. Long explorations: running for hours, and sharing the files
 #
 # An exploration that runs for hours on many cores meets what a short script never does: a scheduler's
 # time limit (SIGTERM), Ctrl-C, the OOM killer or `kill -9` (SIGKILL, which no program can catch),
 # a worker process that dies, and results files that travel to colleagues. This section gives what
 # every such exploration needs, each piece usable with pypet's own Environment:
 #
-#   6.1 Stopping cleanly      signals_deferred, stop_cleanly_on_signals, Terminated
-#   6.2 Storage a kill        CheckpointedHDF5StorageService (Environment(storage_service=...)),
+#   7.1 Stopping cleanly      signals_deferred, stop_cleanly_on_signals, Terminated
+#   7.2 Storage a kill        CheckpointedHDF5StorageService (Environment(storage_service=...)),
 #       cannot ruin           restore_checkpoint, prepare_resume, finished_runs, remove_from_file,
 #                             remove_resume_files
-#   6.3 Forked workers        ForkingEnvironment (pypet's Environment, multiproc without a pool)
-#   6.4 Files from elsewhere  load_nodes, check_file, pickles_refused, FileRefused
-#   6.5 SCOOP's exit status   run_command
+#   7.3 Pickled copies        of a manager, which SCOOP's workers and pypet's resume run
+#   7.4 Forked workers        ForkingEnvironment (pypet's Environment, multiproc without a pool)
+#   7.5 Files from elsewhere  load_nodes, check_file, pickles_refused, FileRefused
+#   7.6 SCOOP's exit status   run_command
+#   7.7 Many runs             a run's fixed cost flat however many came before
 #
 # Linux-only calls (prctl for workers, /proc for SCOOP) are used where they exist; elsewhere the
 # feature is skipped with a warning that says what is missing, and everything else works.
 # ---------------------------------------------------------------------------------------------------
 
-# Imported here rather than at the top: sections 1-5 need none of it.
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
+import weakref  # noqa: E402
 
 from pypet import Environment, Trajectory  # noqa: E402
 from pypet.storageservice import HDF5StorageService  # noqa: E402
@@ -1077,17 +1013,19 @@ def _first_line(error):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6.1 Stopping cleanly
+# 7.1 Stopping cleanly
 #
 # Ctrl-C (SIGINT) and SIGTERM may come at any moment. Two moments matter:
 #   - inside a write to the HDF5 file, which a stop must never cut: signals_deferred holds both
 #     signals back until the write is done (CheckpointedHDF5StorageService writes inside it);
-#   - inside a run: the run must not be stored as finished. Ctrl-C already raises KeyboardInterrupt
-#     (brian2pet's runner raises it when Brian2 took Ctrl-C as a request to stop a subrun early), and
-#     an exception in a run keeps pypet from storing it. stop_cleanly_on_signals makes SIGTERM do the
-#     same, raising Terminated, so that `finally` clauses run (workers are stopped, files closed)
-#     instead of the process vanishing. Where Python cannot let the stop through (a handler that
-#     ran inside a finalizer), the next store raises it instead.
+#   - inside a run: the run must not be stored as finished. An exception in a run keeps pypet from
+#     storing it, so stop_cleanly_on_signals makes both signals raise one, wherever they land:
+#     KeyboardInterrupt for SIGINT, Terminated for SIGTERM; `finally` clauses run (workers are
+#     stopped, files closed) instead of the process vanishing. Without it, Brian2 takes a Ctrl-C
+#     during Network.run as a request to end the subrun early, which the analysers would then take
+#     for a whole one; and a process that inherited an ignored SIGINT (a background job of a script)
+#     would meet Brian2's handler calling SIG_IGN. Where Python cannot let a stop through (a handler
+#     that ran inside a finalizer), the next store raises it instead.
 # ---------------------------------------------------------------------------------------------------
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -1170,14 +1108,16 @@ def _not_a_stop(record):
 
 @contextlib.contextmanager
 def stop_cleanly_on_signals():
-    """Inside the block SIGTERM raises Terminated in the main thread, as Ctrl-C raises
-    KeyboardInterrupt, and pypet does not log either as a failed run (it logs every exception of a
-    run with its traceback). Call it in the main thread, around ``env.run`` or ``env.resume``.
+    """Inside the block Ctrl-C (SIGINT) raises KeyboardInterrupt and SIGTERM raises Terminated in
+    the main thread, wherever they land, also inside Network.run; pypet does not log either as a
+    failed run (it logs every exception of a run with its traceback). Call it in the main thread,
+    around ``env.run`` or ``env.resume``.
 
     With CheckpointedHDF5StorageService, which holds both signals back while it writes: a stop never
     cuts a write, and the run it interrupts is never stored as finished.
     """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _note_swallowed_stops(previous_hook)
     _swallowed_stops.clear()
@@ -1189,11 +1129,15 @@ def stop_cleanly_on_signals():
     finally:
         pypet_logger.removeFilter(_not_a_stop)
         sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        # A stop raised inside Network.run leaves Brian2's flag that a network runs (Brian2 2.9 and
+        # 2.11), with which Brian2's own Ctrl-C handler would take the next Ctrl-C for a stop.
+        Network._globally_running = False
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6.2 Storage that a kill cannot ruin, at a cost that does not grow with the file
+# 7.2 Storage that a kill cannot ruin, at a cost that does not grow with the file
 #
 # HDF5 has no journal: a process killed inside a write can leave the file unreadable, and with it
 # every run stored before. Copying the whole file before every write would protect it, but the copy
@@ -1512,7 +1456,74 @@ def prepare_resume(filename, resume_folder, trajectory_name):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6.3 Forked workers that die with the sweep, and whose death fails only their own run
+# 7.3 Pickled copies of a manager: SCOOP's workers and pypet's resume
+#
+# pypet pickles the run function, and with it the manager, to hand runs to SCOOP's workers (a copy
+# per run) and to resume an exploration in a new process. Brian2 objects cannot travel: a copy leaves
+# what pre_build and the pre-run made behind and makes it again in its process before its first run,
+# once per process, as the original made it: from the same random state, seeing what pre_build saw
+# (the parameters' default values, the results of then), on a copy of the trajectory, so that the
+# pre-run's results, stored with the original, are not stored again. In a process that holds the
+# original, or a copy that already made it, a copy takes that one's start over instead.
+# ---------------------------------------------------------------------------------------------------
+
+# {exploration: the manager whose start its copies in this process take over (the original only
+# weakly, so that it may go)}. One exploration at a time: pre_build of a new one forgets the others.
+_made_in_this_process = {}
+
+
+def _added_names(traj):
+    """Full names of the results and derived parameters that ``traj`` holds."""
+    return set(traj.f_get_results(copy=False)) | set(traj.f_get_derived_parameters(copy=False))
+
+
+def _note_what_copies_redo(manager, traj):
+    """Called as pre_build begins: a copy redoes it from this random state and these results."""
+    _made_in_this_process.clear()
+    manager._before_pre_build = (_random_state(), _added_names(traj))
+
+
+def _state_of_a_copy(manager, state):
+    """The pickled state of ``manager``: without Brian2 objects, and saying what to redo."""
+    if manager._random_state is None:  # fixed now, so that copies and the original agree
+        manager._random_state = state["_random_state"] = _random_state()
+    if manager._pre_built:
+        if getattr(manager, "_exploration", None) is None:
+            manager._exploration = state["_exploration"] = uuid.uuid4().hex
+            _made_in_this_process[manager._exploration] = weakref.ref(manager)
+        state.update(_brian_list=[], _network_dict={}, _pre_built=False, _pre_run=False,
+                     _objects_before_pre_build=set(), _start=None,
+                     _copy_redoes="pre_run" if manager._pre_run else "pre_build")
+    return state
+
+
+def _redo_in_this_process(manager, traj):
+    """In a pickled copy, before its first run: take over the start made in this process, or make
+    it as the original did (see above)."""
+    redo, manager._copy_redoes = manager._copy_redoes, None
+    made = _made_in_this_process.get(manager._exploration)
+    made = made() if isinstance(made, weakref.ref) else made
+    if made is not None and made._start is not None:
+        manager._logger.info(f"Taking over the {redo} made in this process")
+        manager._brian_list, manager._network_dict = made._brian_list, made._network_dict
+        manager._start, manager._pre_built, manager._pre_run = made._start, True, made._pre_run
+        return
+    manager._logger.info(f"Redoing the original manager's {redo} in this process")
+    random_state, names = manager._before_pre_build
+    as_before = traj.f_copy(copy_leaves="explored")
+    as_before.f_restore_default()
+    for name in _added_names(as_before) - names:
+        as_before.f_remove_item(name)
+    _set_random_state(random_state)
+    if redo == "pre_run":
+        manager.pre_run_network(as_before)
+    else:
+        manager.pre_build(as_before)
+    _made_in_this_process[manager._exploration] = manager
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7.4 Forked workers that die with the sweep, and whose death fails only their own run
 #
 # With multiproc=True and use_pool=False pypet forks one worker per run, so nothing built before the
 # runs (pre_build, the pre-run) needs pickling. Two things go wrong with pypet's own way:
@@ -1605,8 +1616,8 @@ class ForkingEnvironment(Environment):
 
     The one place in this module that calls into pypet's private methods (tested with pypet 0.6.1
     and 0.7.0), because pypet offers no public way to give its workers another result channel. (Two
-    of pypet's file formats are read elsewhere, each where it is read: its resume files in 6.2, its
-    HDF5 node attributes in 6.4.) It relies on:
+    of pypet's file formats are read elsewhere, each where it is read: its resume files in 7.2, its
+    HDF5 node attributes in 7.5.) It relies on:
       - ``_make_iterator(start_run_idx, copy_data, **kwargs)`` yielding one task dict per run, with
         the result queue under 'result_queue' when forking; pypet forks the worker right after
         taking a task, and its worker function calls ``put`` then ``close`` on that queue;
@@ -1672,8 +1683,8 @@ class ForkingEnvironment(Environment):
             # pre_build and the pre-run before its first run (section 5). Done here, before the
             # first fork, every worker inherits it, instead of each redoing it for its one run.
             manager = getattr(task.get("runfunc"), "__self__", None)
-            if isinstance(manager, NetworkManager) and manager._redo is not None:
-                manager._redo_in_this_process(task["traj"])
+            if isinstance(manager, NetworkManager) and manager._copy_redoes is not None:
+                _redo_in_this_process(manager, task["traj"])
             pipe = _ResultPipe()
             self._pipes += (pipe,)
             yield dict(task, result_queue=pipe)
@@ -1703,7 +1714,7 @@ class ForkingEnvironment(Environment):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6.4 Files from elsewhere: loading one runs nothing from it
+# 7.5 Files from elsewhere: loading one runs nothing from it
 #
 # pypet's generic loading (load_trajectory, f_load with data) rebuilds a PickleResult, a
 # PickleParameter and any item it stored through pandas by unpickling it, and PyTables unpickles
@@ -1894,7 +1905,7 @@ def load_nodes(filename, trajectory_name, nodes=("parameters", "results")):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6.5 SCOOP's exit status
+# 7.6 SCOOP's exit status
 #
 # Under SCOOP (python -m scoop script.py) the script's main runs in SCOOP's root worker, whose exit
 # status SCOOP 0.7.2 drops: the command exits 0 whatever happened, so a failed exploration looks
@@ -1959,7 +1970,33 @@ def _fail_scoop_command():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Compile once, sweep many: Brian2's standalone devices
+# 7.7 Many runs: a run's fixed cost flat however many runs came before
+#
+# Brian2 2.9 collects all of a process's garbage at the start of every Network.run (to warn of
+# objects that no network simulated; Brian2 2.11 only while that warning is on). A full collection
+# visits every object the process holds, pypet's trajectory among them: 137 of the 160 ms a run of
+# an empty network took. While a run's subruns run, what lived before the run is frozen (Python's
+# gc.freeze keeps it out of collections), so Brian2's collections visit what the run made; when the
+# run ends it is unfrozen, and collected as usual.
+# ---------------------------------------------------------------------------------------------------
+
+import gc  # noqa: E402
+
+
+@contextlib.contextmanager
+def _collecting_only_the_runs_garbage():
+    if gc.get_freeze_count():  # frozen by someone else, who will unfreeze it: left as it is
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Compile once, sweep many: Brian2's standalone devices
 #
 # In runtime mode (sections 4 and 5) Python steps the network. Brian2's standalone devices instead
 # turn a whole simulation into one program: cpp_standalone compiles it with a C++ compiler, and
@@ -2003,6 +2040,7 @@ def _fail_scoop_command():
 
 # Imported here rather than at the top: sections 1-5 need none of it.
 import hashlib  # noqa: E402
+import types  # noqa: E402
 
 from brian2.core.variables import VariableView  # noqa: E402
 
@@ -2105,7 +2143,7 @@ class _RunBuild:
     def __init__(self, manager, traj, brian_list, network_dict, first, namespaces=()):
         self.reads, self.taken, self.compiled, self.made = {}, {}, {}, {}
         device = get_device()
-        for part in manager._parts():
+        for part in manager._parts_in_order():
             before = _live_brian_objects()
             seeds, seed = [], device.seed
             device.seed = (lambda value=None: (seeds.append(value), seed(value))) if first else (
@@ -2114,7 +2152,8 @@ class _RunBuild:
                 existing = {obj.name for obj in before}
                 with _explored_reads(traj) as reads, _run_values_taken(first, existing) as (
                         taken, others):
-                    manager._call_builders("build", traj, brian_list, network_dict, parts=[part])
+                    part.build(traj, brian_list, network_dict)
+                    _check_brian_list(part, "build", brian_list)
             finally:
                 del device.seed  # the device's own method again
             compiled = others + [("the seed", repr(value)) for value in seeds]
@@ -2133,12 +2172,28 @@ class _RunBuild:
                 for taken in self.taken.values() for view, value in taken}
 
 
+class _AnalysedLater:
+    """Stands in for an analyser while the subruns are recorded into a program: its own
+    add_to_network and remove_from_network are recorded; analyse notes the subrun and the time it
+    ends at, to be analysed once the program ran."""
+
+    def __init__(self, analyser, noted):
+        self._analyser, self._noted = analyser, noted
+
+    def __getattr__(self, name):
+        return getattr(self._analyser, name)
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if not self._noted or self._noted[-1][0] is not current_subrun:
+            self._noted.append((current_subrun, network.t_))
+
+
 class StandaloneNetworkManager(NetworkManager):
     """A NetworkManager for Brian2's standalone devices: compile once, run the binary per run.
 
     Use it as NetworkManager after ``brian2.set_device('cpp_standalone', build_on_run=False)``;
     call ``pre_build(traj)`` or ``pre_run_network(traj)`` before ``env.run``: they record and
-    compile the exploration's program (section 7 above says how, and what differs). ``directory``
+    compile the exploration's program (section 8 above says how, and what differs). ``directory``
     holds the program and, while a run's analysers read them, its results (``results_<run>``).
     """
 
@@ -2147,16 +2202,11 @@ class StandaloneNetworkManager(NetworkManager):
         super().__init__(network_runner, component_list, analyser_list, network_constructor)
         self.directory = directory
         self._program = None  # once compiled: the network, its dict and noted subruns, per part
+        self._compiling_after_pre_run = False
 
     def pre_build(self, traj):
-        """Pre-build, record the first run and compile the program (section 7)."""
-        self._compile(traj, pre_run=False)
-
-    def pre_run_network(self, traj):
-        """Pre-build, record the pre-run and the first run, compile, and analyse the pre-run."""
-        self._compile(traj, pre_run=True)
-
-    def _compile(self, traj, pre_run):
+        """pre_build as in spec 7.3; then, unless pre_run_network goes on to the pre-run, record the
+        first run and compile the program (section 8)."""
         device = _standalone_device()
         if not any(entry[0] == "seed" for entry in device.main_queue):
             # Without a seed the program would seed itself differently at every execution. The
@@ -2165,28 +2215,47 @@ class StandaloneNetworkManager(NetworkManager):
             state = np.random.get_state()
             device.seed(int(np.random.randint(2**31 - 1)))
             np.random.set_state(state)
-        self._pre_build(traj)
-        network = self._network_constructor(*self._brian_list)
-        noted_pre_run = []
-        if pre_run:
-            # Brian2 applies run values before the first Network.run unless told it did: they must
-            # come after the pre-run, which is the same in every run (Brian2 2.9 and 2.11).
-            device.run_args_applied = True
-            self._record_subruns(traj, network, self._network_dict, noted_pre_run, pre_run=True)
-            device.insert_code("main", "set_from_command_line(args);")
-            self._pre_run = True
-        else:
+        super().pre_build(traj)
+        if not self._compiling_after_pre_run:
             device.apply_run_args()
+            self._compile(traj, noted_pre_run=None)
 
+    def pre_run_network(self, traj):
+        """pre_build (unless done), then record the pre-run and the first run, compile, and
+        analyse the pre-run (section 8)."""
+        if self._program is not None:
+            raise RuntimeError(
+                "pre_build compiled this exploration's program already, without a pre-run: on a "
+                "standalone device call pre_run_network instead of pre_build, not after it."
+            )
+        self._compiling_after_pre_run = True
+        if not self._pre_built:
+            self.pre_build(traj)
+        device = get_device()
+        # Brian2 applies run values before the first Network.run unless told it did: they must
+        # come after the pre-run, which is the same in every run (Brian2 2.9 and 2.11).
+        device.run_args_applied = True
+        noted_pre_run = self._record_subruns(traj, self._start.network, self._network_dict,
+                                             pre_run=True)
+        device.insert_code("main", "set_from_command_line(args);")
+        self._pre_run = True
+        self._compile(traj, noted_pre_run)
+
+    def _take_start(self, network):
+        # Brian2's store and restore are runtime-only: the program simulates the start anew in
+        # every execution, from the same seed.
+        self._start = types.SimpleNamespace(network=network)
+
+    def _compile(self, traj, noted_pre_run):
+        network = self._start.network
         # The first run's build() makes the program's objects; its values are taken, not compiled.
         traj.v_idx = 0
         brian_list = list(self._brian_list)
-        network_dict = {key: _own_copy(value) for key, value in self._network_dict.items()}
+        network_dict = {key: _copy_for_one_run(value) for key, value in self._network_dict.items()}
         first = _RunBuild(self, traj, brian_list, network_dict, first=True)
         network.add(*[obj for obj in brian_list if obj not in network.objects])
-        noted = []
         with _explored_reads(traj) as reads:
-            self._record_subruns(traj, network, network_dict, noted)
+            noted = self._record_subruns(traj, network, network_dict)
         if reads:
             raise _cannot_reach(reads, "is read by a subrun's add_to_network or "
                                        "remove_from_network, which are compiled once")
@@ -2201,9 +2270,9 @@ class StandaloneNetworkManager(NetworkManager):
         traj.f_restore_default()
 
         started = time.time()
-        device.build(directory=self.directory, run=False, with_output=False)
+        get_device().build(directory=self.directory, run=False, with_output=False)
         self._logger.info(f"Compiled the exploration's program in {time.time() - started:.1f} s")
-        if pre_run:
+        if noted_pre_run is not None:
             # The pre-run is analysed from an execution of the first run, whose results stay for
             # that run's analysers: analysing the pre-run costs no execution of its own.
             traj.v_idx = 0
@@ -2217,21 +2286,21 @@ class StandaloneNetworkManager(NetworkManager):
                 (key, value) for key, value in self._network_dict.items()
                 if key not in before or before[key] is not value)
 
-    def _record_subruns(self, traj, network, network_dict, noted, pre_run=False):
-        """The runner's subruns into the program, each noted for analysis after it ran."""
-        runner = self.network_runner
-        runner._noted_subruns = noted
-        try:
-            runner._execute_network_run(traj, network, network_dict, self.components,
-                                        self.analysers, pre_run=pre_run)
-        finally:
-            del runner._noted_subruns
+    def _record_subruns(self, traj, network, network_dict, pre_run=False):
+        """The runner's subruns into the program; returns them noted for analysis after it ran."""
+        noted = []
+        analysers = [_AnalysedLater(analyser, noted) for analyser in self.analysers]
+        execute = (self.network_runner.execute_network_pre_run if pre_run
+                   else self.network_runner.execute_network_run)
+        execute(traj, network, network_dict, self.components, analysers)
+        return noted
 
     def _build_run(self, traj, check_reads=False):
         """The run's build() on the program's objects: returns its run values and network_dict."""
         program = self._program
         brian_list = list(program["brian_list"])
-        network_dict = {key: _own_copy(value) for key, value in program["network_dict"].items()}
+        network_dict = {key: _copy_for_one_run(value)
+                        for key, value in program["network_dict"].items()}
         run = _RunBuild(self, traj, brian_list, network_dict, first=False,
                         namespaces=program["namespaces"])
         first = program["first"]
@@ -2260,15 +2329,14 @@ class StandaloneNetworkManager(NetworkManager):
 
     def run_network(self, traj):
         """One run: build() acts, the program runs with the run's values, the analysers analyse."""
-        if self._redo is not None:
-            self._redo_in_this_process(traj)
+        if self._copy_redoes is not None:
+            _redo_in_this_process(self, traj)
         if self._program is None:
             raise RuntimeError(
                 "On a standalone device call pre_build(traj) or pre_run_network(traj) before "
                 "env.run: they compile the exploration's program once for all runs."
             )
         run_values, network_dict = self._build_run(traj)
-        self._log_explored_values(traj)
         results = f"results_{traj.v_idx}"
         if self._results != results:  # else pre_run_network ran this run already
             self._run_program(results, run_values)
@@ -2286,7 +2354,7 @@ class StandaloneNetworkManager(NetworkManager):
         self._results = results
 
     def _analyse(self, traj, network, network_dict, noted):
-        """Step 3 of every noted subrun, in order, now that the program ran (section 7)."""
+        """Step 3 of every noted subrun, in order, now that the program ran (section 8)."""
         remaining = [subrun for subrun, _ in noted]
         try:
             for subrun, end in noted:
@@ -2296,7 +2364,7 @@ class StandaloneNetworkManager(NetworkManager):
                 network.t_ = end  # Brian2's network time, as it was at the end of this subrun
                 for analyser in self.analysers:
                     subrun_list = list(remaining)
-                    _call(analyser.analyse, (traj, network, subrun, subrun_list, network_dict))
+                    _call_step(analyser.analyse, (traj, network, subrun, subrun_list, network_dict))
                     added = [s for s in subrun_list if all(s is not r for r in remaining)]
                     if added:
                         raise RuntimeError(
@@ -2310,7 +2378,7 @@ class StandaloneNetworkManager(NetworkManager):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.update(_program=None, _results=None)
+        state.update(_program=None, _results=None, _compiling_after_pre_run=False)
         return state
 
 

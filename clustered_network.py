@@ -966,7 +966,8 @@ class CNStandaloneNetworkManager(RunsSaid, StandaloneNetworkManager):
     def pre_build(self, traj):
         started = time.time()
         super().pre_build(traj)
-        say(f"compiled '{traj.v_name}' in {time.time() - started:.0f} s into {self.directory}")
+        if not self._compiling_after_pre_run:  # else pre_run_network compiles, and says so
+            say(f"compiled '{traj.v_name}' in {time.time() - started:.0f} s into {self.directory}")
 
     def pre_run_network(self, traj):
         started = time.time()
