@@ -19,14 +19,18 @@ Reading order follows the spec:
   4. The runner             NetworkRunner and its _execute_network_run                (7.4.2, 7.5)
   5. The manager            NetworkManager                                            (7.2, 7.3)
 
-Beyond the spec (a reader of sections 1-5 needs nothing from here):
-  6. Long explorations      what an exploration needs to run for hours and to share its files:
+Beyond the spec (a reader of sections 1-5 needs nothing from here; section 5 calls into 6, 7.3
+and 7.7 at one place each, said where):
+  6. Random state           every run from the same random numbers: Brian2's random state kept as
+                            numbers, which Brian2 2.9's cython target does not do itself
+  7. Long explorations      what an exploration needs to run for hours and to share its files:
                             stopping cleanly (stop_cleanly_on_signals); storage that a kill at any
                             moment cannot ruin (CheckpointedHDF5StorageService, prepare_resume);
-                            forked workers that die with the sweep (ForkingEnvironment); files from
-                            elsewhere loaded without running anything (load_nodes); SCOOP's exit
-                            status (run_command)
-  7. Standalone devices     compile once, sweep many: StandaloneNetworkManager runs an exploration
+                            pickled copies of a manager (SCOOP, resume); forked workers that die
+                            with the sweep (ForkingEnvironment); files from elsewhere loaded
+                            without running anything (load_nodes); SCOOP's exit status
+                            (run_command); a run's fixed cost flat over many runs
+  8. Standalone devices     compile once, sweep many: StandaloneNetworkManager runs an exploration
                             on Brian2's cpp_standalone (or a device built on it), one compiled
                             program for all runs, each run one execution with its own values
 
@@ -40,18 +44,21 @@ checked by running pypet's own tests of pypet.brian2 against this module):
     pre-run, continues each run's random numbers where the previous run stopped.
   - After a pre-run, the objects that components make in build() are simulated. pypet.brian2
     silently leaves them out of the pre-run network.
-  - Networks run with an empty run namespace: a name that no namespace= defines is an error naming
-    it, never a value Brian2 would find in the runner's own frame.
+  - pre_run_network calls the manager's pre_build as the spec says (an override runs), and after
+    an explicit pre_build pre-runs what it built; pypet.brian2 builds and simulates everything
+    twice then.
+  - Networks run with an empty run namespace: a name that no namespace= defines is Brian2's error
+    naming it, never a value Brian2 would find in the runner's own frame.
   - Unit text read back from a file is parsed from a small whitelist, never evaluated: a file may
     come from anyone.
   - Errors name the culprit where pypet.brian2 goes on silently or fails far away: a brian_list
     item that is not a Brian2 object names its component, an error in a subrun's step names the
     part that raised it, a subrun group without durations is an error, explored values of other
-    dimensions or shapes are named, and pre_build happens once (pypet.brian2 builds twice when
-    pre_run_network follows pre_build).
+    dimensions or shapes are named.
 """
 
 import ast
+import operator
 
 import numpy as np
 from brian2 import (
@@ -86,7 +93,7 @@ __all__ = [
     "NetworkAnalyser",
     "NetworkRunner",
     "NetworkManager",
-    # 6. Long explorations (beyond the spec)
+    # 7. Long explorations (beyond the spec)
     "Terminated",
     "signals_deferred",
     "stop_cleanly_on_signals",
@@ -104,7 +111,7 @@ __all__ = [
     "check_file",
     "load_nodes",
     "run_command",
-    # 7. Standalone devices (beyond the spec)
+    # 8. Standalone devices (beyond the spec)
     "StandaloneNetworkManager",
 ]
 
@@ -129,14 +136,8 @@ _UNIT_NAMES.update(
 _MAX_UNIT_TEXT = 1000
 _MAX_EXPONENT = 64
 
-_BINARY_OPERATORS = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.Pow: lambda a, b: a**b,
-    ast.Mod: lambda a, b: a % b,
-}
+_BINARY_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+                     ast.Div: operator.truediv, ast.Pow: operator.pow, ast.Mod: operator.mod}
 
 
 def get_unit_fast(x):
@@ -214,7 +215,8 @@ def _evaluate_unit_node(node, text):
 
 def _si_numbers(quantity):
     """The numbers of ``quantity`` in SI base units: a float for a scalar, else a plain array.
-    They are the Quantity's own numbers (5 ms is 0.005), so nothing is rounded on the way."""
+    They are the Quantity's own numbers (5 ms is 0.005): nothing is rounded, and a big monitor
+    array is not copied."""
     numbers = np.asarray(quantity)
     return float(numbers) if numbers.shape == () else numbers
 
@@ -230,9 +232,6 @@ class Brian2Parameter(Parameter):
     IDENTIFIER = "__brn2__"
     __slots__ = ()
 
-    def __init__(self, full_name, data=None, comment=""):
-        super().__init__(full_name, data, comment)
-
     def f_supports(self, data):
         return isinstance(data, Quantity) or super().f_supports(data)
 
@@ -247,20 +246,18 @@ class Brian2Parameter(Parameter):
         return super()._values_of_same_type(val1, val2)
 
     def _data_sanity_checks(self, explore_iterable):
-        # pypet's own check would only say "not of the same type" (both are Quantity); name the
-        # dimensions instead, so the mixed-up value is easy to find.
+        # pypet's own check would say "not of the same type"; the dimensions say which value.
         values = list(explore_iterable)
         if isinstance(self._default, Quantity):
-            unit = get_unit_fast(self._default)
             for value in values:
                 if not self._values_of_same_type(value, self._default):
                     raise TypeError(
                         f"Cannot explore `{self.v_full_name}` with {value!r}: it does not have the "
                         f"dimensions of the default {self._default!r}. Give every explored value "
-                        f"in units of {unit!r}."
+                        f"in units of {get_unit_fast(self._default)!r}."
                     )
-            # The file keeps the range as one column of equally shaped arrays (the default has
-            # a table of its own). pypet.brian2 fails only when storing; here the range is refused.
+            # The file keeps the range as one column of equally shaped arrays; pypet.brian2 would
+            # fail only when storing it.
             shapes = {np.shape(value) for value in list(self._explored_range or ()) + values}
             if len(shapes) > 1:
                 raise TypeError(
@@ -306,9 +303,6 @@ class Brian2Result(Result):
     IDENTIFIER = Brian2Parameter.IDENTIFIER
     __slots__ = ()
 
-    def __init__(self, full_name, *args, **kwargs):
-        super().__init__(full_name, *args, **kwargs)
-
     def f_set_single(self, name, item):
         if self.IDENTIFIER in name:
             # The identifier marks the two stored halves of a quantity; a name holding it could not
@@ -326,12 +320,7 @@ class Brian2Result(Result):
         store_dict = {}
         for name, value in self._data.items():
             if isinstance(value, Quantity):
-                # A Quantity's numbers already are its value in SI base units: np.asarray gives them
-                # without a copy, so big monitor arrays cost nothing extra here.
-                numbers = np.asarray(value)
-                store_dict[name + self.IDENTIFIER + "value"] = (
-                    float(numbers) if numbers.shape == () else numbers
-                )
+                store_dict[name + self.IDENTIFIER + "value"] = _si_numbers(value)
                 store_dict[name + self.IDENTIFIER + "unit"] = repr(get_unit_fast(value))
             else:
                 store_dict[name] = value
@@ -519,9 +508,8 @@ class NetworkAnalyser(NetworkComponent):
 
 
 def _call_step(step, arguments):
-    """One part's step of a subrun, e.g. ``component.add_to_network``. An error it raises gets a
-    note (PEP 678, printed with the traceback) naming the part, the step and the subrun: the
-    network may fail far from the component that caused it."""
+    """One part's step of a subrun, e.g. ``component.add_to_network``. An error gets a note (PEP
+    678, printed with the traceback) naming the part, the step and the subrun."""
     try:
         step(*arguments)
     except Exception as error:
@@ -553,15 +541,11 @@ class NetworkRunner(NetworkComponent):
 
     def execute_network_pre_run(self, traj, network, network_dict, component_list, analyser_list):
         """Run the pre-run's subruns (from the pre-durations group) on ``network``."""
-        self._execute_network_run(
-            traj, network, network_dict, component_list, analyser_list, pre_run=True
-        )
+        self._execute_network_run(traj, network, network_dict, component_list, analyser_list, True)
 
     def execute_network_run(self, traj, network, network_dict, component_list, analyser_list):
         """Run one exploration run's subruns (from the durations group) on ``network``."""
-        self._execute_network_run(
-            traj, network, network_dict, component_list, analyser_list, pre_run=False
-        )
+        self._execute_network_run(traj, network, network_dict, component_list, analyser_list)
 
     def _extract_subruns(self, traj, pre_run=False):
         """The group's Brian2Parameters, sorted by ``v_annotations.order`` (gaps allowed)."""
@@ -633,30 +617,24 @@ class NetworkRunner(NetworkComponent):
 # ---------------------------------------------------------------------------------------------------
 # 5. The manager (spec 7.2, 7.3): builds networks and hands them to the runner
 #
-# Every run of an exploration starts from the same START, and then build() acts (spec 7.3: "The state
-# after the pre run is preserved for all coming simulation runs"). The start is what the runs met
-# when they began:
-#   - the objects pre_build made, in ONE Network holding what brian_list held after pre_build (plus
-#     whatever the pre-run added to it), in their state after pre_build or the pre-run: state
-#     variables, the operations attached to them (run_regularly), namespaces and active flags.
-#     Brian2 refuses to put an object that one Network simulated into another, hence one Network,
-#     whose state is stored once and restored at every run's start;
-#   - every other object pre_build or the pre-run made (a monitor a component adds only in some
-#     subruns), in its state of then, free to be added to a run's network again;
+# Every run starts from the same START, then build() acts (spec 7.3: "The state after the pre run is
+# preserved for all coming simulation runs"). The start is what the runs met when they began:
+#   - what pre_build made, in ONE Network holding brian_list (and what the pre-run added to it), as
+#     pre_build or the pre-run left it: state variables, operations attached (run_regularly),
+#     namespaces, active flags. Brian2 refuses an object another Network simulated, hence one
+#     Network, stored once and restored at every run's start;
+#   - other objects pre_build or the pre-run made (a monitor added in some subruns), as they were;
 #   - Brian2's random state of the moment the runs began (section 6 keeps it as numbers).
-# Whatever a run builds, adds to the network or attaches to a pre-built object leaves with it. With
-# nothing pre-built, each run simply gets a new Network of its own objects.
-#
-# So a run gives the same numbers wherever it runs: in one process after other runs, or in a process
-# forked from the main script (spec 7.3.1), which sees the start as the main script left it. A pickled
-# copy of the manager (SCOOP, pypet's resume) makes the start again in its process (section 7.3).
+# Whatever a run builds, adds or attaches leaves with it; with nothing pre-built, each run gets a new
+# Network of its own objects. So a run gives the same numbers in one process after other runs as in
+# a process forked from the main script (spec 7.3.1), which sees the start as the script left it. A
+# pickled copy of the manager (SCOOP, pypet's resume) makes the start again (section 7.3).
 # ---------------------------------------------------------------------------------------------------
 
 
 def _live_brian_objects():
-    # Brian2 keeps weak references to every BrianObject it makes (Trackable.__instances__, what its
-    # magic network uses): they find pre-built objects wherever a component keeps them, in
-    # brian_list, network_dict or its own attributes. Tested with Brian2 2.9 and 2.11.
+    # Brian2's weak references to every BrianObject (Trackable.__instances__, what its magic network
+    # uses; Brian2 2.9 and 2.11) find pre-built objects wherever a component keeps them.
     return {ref() for ref in BrianObject.__instances__()} - {None}
 
 
@@ -673,8 +651,7 @@ def _check_brian_list(part, method_name, brian_list):
 
 def _copy_for_one_run(value):
     """A run's own copy of a network_dict value: lists, tuples, dicts, sets and arrays (nested too)
-    are copied, so that what one run appends to a pre-built list no later run sees; Brian2 objects
-    and anything else are shared."""
+    are copied, so no later run sees what one run appended; Brian2 objects and others are shared."""
     if isinstance(value, np.ndarray):
         return value.copy()
     if type(value) in (list, tuple, set):
@@ -689,9 +666,8 @@ class _RunStart:
     ``remove_run_additions`` takes off what a run added to the network and to pre-built objects.
 
     Reaches into Brian2 (2.9 and 2.11) where Network.store and restore stop: ``_full_state`` and
-    ``_restore_from_full_state`` (what they call on each object) for pre-built objects outside the
-    network, and ``_network``, Brian2's mark that an object was simulated, with which Network.add
-    refuses it, even in the network that simulated it.
+    ``_restore_from_full_state`` for pre-built objects outside the network, and ``_network``,
+    Brian2's mark that an object was simulated, with which Network.add would refuse it.
     """
 
     def __init__(self, network, objects_before_pre_build):
@@ -778,10 +754,8 @@ class NetworkManager(HasLogger):
         self._take_start(self._network_constructor(*self._brian_list))
 
     def build(self, traj):
-        """Build one run's objects; returns that run's ``(brian_list, network_dict)``.
-
-        Both start as copies of what pre_build made, so nothing built here outlives the run.
-        """
+        """Build one run's objects; returns that run's ``(brian_list, network_dict)``, which start
+        as copies of what pre_build made, so that nothing built here outlives the run."""
         brian_list = list(self._brian_list)
         network_dict = {key: _copy_for_one_run(value) for key, value in self._network_dict.items()}
         for part in self._parts_in_order():
@@ -790,15 +764,13 @@ class NetworkManager(HasLogger):
         return brian_list, network_dict
 
     def pre_run_network(self, traj):
-        """Pre-build (unless done), then simulate the pre-durations once; every run starts from
-        the state that leaves (spec 7.3)."""
+        """Pre-build (unless done), then simulate the pre-durations once: the runs' start (7.3)."""
         if not self._pre_built:
             self.pre_build(traj)
         self._logger.info("Pre-running the network")
         network = self._start.network
-        self.network_runner.execute_network_pre_run(
-            traj, network, self._network_dict, self.components, self.analysers
-        )
+        self.network_runner.execute_network_pre_run(traj, network, self._network_dict,
+                                                    self.components, self.analysers)
         self._pre_run = True
         self._take_start(network)
 
@@ -809,10 +781,9 @@ class NetworkManager(HasLogger):
     def run_network(self, traj):
         """One run of the exploration: pass this to ``Environment.run`` (spec 7.3).
 
-        Every run starts from the start described above (section 5), with Brian2's random state as
-        it was when the first run began (in this process, or when pypet pickled this manager).
-        Runs therefore draw the same random numbers unless they seed themselves, e.g.
-        ``brian2.seed(traj.trial)`` in a build() with an explored parameter ``trial``.
+        Every run starts from the start above, with Brian2's random state of when the first run
+        began (or pypet pickled this manager): runs draw the same random numbers unless they seed
+        themselves, e.g. ``brian2.seed(traj.trial)`` in a build(), with ``trial`` explored.
         """
         if self._copy_redoes is not None:  # a pickled copy, in a new process (section 7.3)
             _redo_in_this_process(self, traj)
@@ -830,9 +801,8 @@ class NetworkManager(HasLogger):
             network.add(*[obj for obj in brian_list if obj not in self._start.members])
         try:
             with _collecting_only_the_runs_garbage():  # cost per run flat (section 7.7)
-                self.network_runner.execute_network_run(
-                    traj, network, network_dict, self.components, self.analysers
-                )
+                self.network_runner.execute_network_run(traj, network, network_dict,
+                                                        self.components, self.analysers)
         finally:
             if self._start is not None:
                 self._start.remove_run_additions()
@@ -846,10 +816,10 @@ class NetworkManager(HasLogger):
 
 
 # ===================================================================================================
-# Beyond the spec. Sections 1-5 are the spec's framework; below is what brian2pet adds to it.
-# ===================================================================================================
-#
 # 6. Every run from the same random numbers: Brian2's random state, kept as numbers
+#
+# Beyond the spec from here on: sections 1-5 are the spec's framework; 6-8 are what brian2pet adds.
+# ===================================================================================================
 #
 # Section 5 gives every run Brian2's random state of the moment the runs began, and a pickled copy of
 # the manager carries it to other processes. Brian2's get_random_state() is numpy's generator state

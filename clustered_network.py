@@ -30,7 +30,7 @@ Speed: the objects that run every time step use Brian2's cython target when a C 
 (``--target auto``, compiled once into Brian2's cache), numpy otherwise (about three times slower
 per run). Code that runs once, such as drawing the synapses, always uses numpy, so the network of a
 run is the same for every target. ``--device cpp_standalone`` instead compiles each experiment once
-into a C++ program that every run executes with its own R_ee or strength (brian2pet section 7): about
+into a C++ program that every run executes with its own R_ee or strength (brian2pet section 8): about
 twice as fast per run, with synapses drawn by the program's generator.
 
 The file reads top to bottom as the brian2pet documentation's main script does (spec 7.3):
@@ -38,7 +38,7 @@ parameters and model helpers; components (neurons, connections, stimulus); runne
 (activity guard, monitors, Fano factor, correlations, quenching); one main function per experiment;
 then reading stored experiments back, tables, figures, and the command line with its output folder,
 lock and resume. What any long exploration needs (storage that a kill cannot ruin, clean stops,
-forked workers, loading files safely) comes from brian2pet's section 6.
+forked workers, loading files safely) comes from brian2pet's section 7.
 """
 
 import argparse
@@ -115,7 +115,7 @@ P_EE = 0.2  # mean E to E connection probability: K = P_EE * N_e inputs
 # Constants are names, filled from `namespace=`, so that one code object serves every parameter value.
 # What follows from the explored R_ee (the E to E probabilities p_in, p_out and the weight J_in) is a
 # variable of the group instead, set in build(): on a standalone device (--device) a compiled program
-# takes a run's values for variables, not for names compiled into it (brian2pet section 7).
+# takes a run's values for variables, not for names compiled into it (brian2pet section 8).
 NEURON_EQUATIONS = """
 dV/dt = (mu + mu_stim - V)/tau + I_syn_e + I_syn_i : 1 (unless refractory)
 I_syn_e = (x_e_decay - x_e_rise)/(tau_decay_e - tau_rise) : Hz
@@ -985,7 +985,7 @@ def network_manager(args, name, **parts):
 
 def use_device(device):
     """Make Brian2 simulate on ``device`` from here on: 'runtime', or a standalone device, which
-    builds a program of its own for every experiment (brian2pet section 7)."""
+    builds a program of its own for every experiment (brian2pet section 8)."""
     if device == "runtime":
         return
     set_device(device, build_on_run=False)
@@ -1537,7 +1537,7 @@ def plot_all_stimulus(traj, rows, folder):
 #
 # Stopping and resuming: Ctrl-C or SIGTERM ends the experiments with exit status 130 / 143 and says
 # which runs finished and how to continue; a run they interrupt is never stored as finished, nor is a
-# write cut short (brian2pet 6.1). SIGKILL may come anywhere, also inside a write: --resume puts the
+# write cut short (brian2pet 7.1). SIGKILL may come anywhere, also inside a write: --resume puts the
 # file and pypet's resume files back in step and runs what is left (brian2pet.prepare_resume). Each
 # experiment saves its settings at its start and removes them at its end, so --resume also finishes
 # an experiment that was killed before its first run finished, or never started, with the settings
