@@ -1209,6 +1209,16 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         finally:
             self._in_store = False
 
+    @property
+    def references(self):
+        # pypet's Environment asks its storage service for references after a run when it was given
+        # wrap_mode='LOCAL', even with multiproc=False, where it never wrapped the service.
+        raise RuntimeError(
+            "pypet's Environment was given wrap_mode='LOCAL' with multiproc=False: with one process "
+            "leave wrap_mode at its default, or use brian2pet.ForkingEnvironment, which takes the "
+            "same options on one core. The runs stored so far are kept."
+        )
+
     def checkpoint(self):
         """Copy the file to FILE.checkpoint now: e.g. right after the trajectory's parameters are
         stored, so that a kill never takes the file back to before they were."""
@@ -1605,12 +1615,21 @@ class ForkingEnvironment(Environment):
         object.__setattr__(self, name[2:] if name.startswith("v_") else name, value)
 
     def run(self, *args, **kwargs):
+        self._no_wrap_without_multiproc()
         with self._workers_in_hand():
             return super().run(*args, **kwargs)
 
     def resume(self, *args, **kwargs):
+        self._no_wrap_without_multiproc()
         with self._workers_in_hand():
             return super().resume(*args, **kwargs)
+
+    def _no_wrap_without_multiproc(self):
+        # pypet (0.6.1, 0.7.0) wraps the storage service only with multiproc=True, but reads a LOCAL
+        # wrap's references after every run even without it, and fails. The same options then run
+        # on one core as well as on several.
+        if not self._multiproc and self._wrap_mode == pypetconstants.WRAP_MODE_LOCAL:
+            self._wrap_mode = pypetconstants.WRAP_MODE_LOCK  # pypet's default, unused in one process
 
     @contextlib.contextmanager
     def _workers_in_hand(self):

@@ -2960,6 +2960,39 @@ def blocked_in_handing_over(pid):
 # --------------------------------------------------------------------------------------------------
 # Long explorations: brian2pet's section 6, beyond the spec, tested on a small exploration of its
 # own (EXPLORE, 20 neurons, four runs), so that nothing here depends on the example
+class StoresX(NetworkAnalyser):
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        traj.f_add_result("x_seen", traj.x)
+
+
+def test_the_long_exploration_options_run_on_one_core_too(tmp_path):
+    """wrap_mode='LOCAL' with multiproc=False (the README's long-exploration options on one core):
+    pypet asks for the references of a LOCAL wrap it never made. brian2pet's ForkingEnvironment
+    runs it; pypet's own Environment stops after the first run, naming the fix, and keeps it."""
+    for environment in (brian2pet.ForkingEnvironment, Environment):
+        filename = str(tmp_path / f"{environment.__name__}.hdf5")
+        env = environment(trajectory="one_core", filename=filename, multiproc=False,
+                          wrap_mode="LOCAL", storage_service=brian2pet.CheckpointedHDF5StorageService,
+                          log_config=None, report_progress=False, add_time=False)
+        traj = env.trajectory
+        manager = NetworkManager(SpyRunner([]), [SpyComponent("c1", [], makes_group="build")],
+                                 [StoresX()])
+        manager.add_parameters(traj)
+        traj.f_add_parameter("x", 0)
+        traj.f_explore({"x": [3, 4, 5]})
+        if environment is Environment:
+            with pytest.raises(RuntimeError, match="wrap_mode='LOCAL' with multiproc=False.*"
+                                                   "ForkingEnvironment"):
+                env.run(manager.run_network)
+        else:
+            env.run(manager.run_network)
+        env.disable_logging()
+        stored = brian2pet.load_nodes(filename, "one_core", ("results.runs",))
+        seen = [stored.f_get(f"results.runs.{run}.x_seen").f_get()
+                for run in stored.f_get_run_names() if stored.f_contains(f"results.runs.{run}")]
+        assert seen == ([3] if environment is Environment else [3, 4, 5])
+
+
 # --------------------------------------------------------------------------------------------------
 
 EXPLORE = r'''
