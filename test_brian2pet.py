@@ -1933,9 +1933,9 @@ cn.BrianLogger.suppress_name("unused_brian_object")
 SCRIPT = os.path.join(HERE, "clustered_network.py")
 # 400 E / 100 I neurons (5 clusters). Both experiments: the sweep, three runs of 0.4 s simulated
 # each; the stimulus experiment, a pre-run of 0.1 s and two runs of 0.3 + 0.3 s (2 clusters driven).
+# On the script's default target, cython (compiled once into Brian2's cache): the path users take.
 TINY = ["--scale", "0.1", "--r-ee", "1.0", "2.5", "3.0", "--initial", "0.1", "--measure", "0.3",
-        "--seed", "3", "--target", "numpy", "--period", "0.3", "--strengths", "0", "0.3",
-        "--stimulus-clusters", "2"]
+        "--seed", "3", "--period", "0.3", "--strengths", "0", "0.3", "--stimulus-clusters", "2"]
 R_TINY = [1.0, 2.5, 3.0]
 STRENGTHS_TINY = [0.0, 0.3]
 
@@ -2963,12 +2963,21 @@ def assert_resumes_to_reference(out, ncores, reference_numbers, finished_before=
     return done.stdout
 
 
-@pytest.mark.parametrize("ncores", ["1", "2"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def ignore_sigint():
+    # As a non-interactive shell starts a background job (`python script.py &` in a script).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum, ncores, ignored", [
+    (signal.SIGINT, "1", False), (signal.SIGINT, "2", False), (signal.SIGINT, "2", True),
+    (signal.SIGTERM, "1", False), (signal.SIGTERM, "2", False)],
+    ids=["ctrl-c-1", "ctrl-c-2", "sigint-to-a-background-job-2", "sigterm-1", "sigterm-2"])
 def test_ctrl_c_and_sigterm_stop_every_process_and_resume(reference_numbers, tmp_path, signum,
-                                                          ncores):
+                                                          ncores, ignored):
     # Ctrl-C as a terminal sends it (to the whole process group); SIGTERM to the main process only.
-    process = start_script(*TINY, "--no-plots", "--ncores", ncores, "--out", str(tmp_path))
+    # A background job of a script starts with SIGINT ignored, and stops on it as on Ctrl-C.
+    process = start_script(*TINY, "--no-plots", "--ncores", ncores, "--out", str(tmp_path),
+                           preexec_fn=ignore_sigint if ignored else None)
     wait_for_line(process, f"run 2/{len(R_TINY)} started")
     (os.killpg if signum == signal.SIGINT else os.kill)(process.pid, signum)
     stdout, stderr = ended(process, 60)
