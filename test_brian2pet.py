@@ -1788,8 +1788,7 @@ def seeded_group():
 
 def seeded_run_objects(group):
     """What build() makes after it seeded (in the first run, on a standalone device)."""
-    synapses = brian2.Synapses(group, group, on_pre="v_post += 0.1", name="seeded_synapses",
-                               namespace={})
+    synapses = brian2.Synapses(group, group, name="seeded_synapses", namespace={})
     synapses.connect(p=0.3)
     group.run_regularly("kick += rand()", dt=2 * ms, name="seeded_kicks")
     return synapses
@@ -1850,104 +1849,104 @@ def program_files(program):
     return files
 
 
-def run_seeded_scenario(mode, how, folder):
-    """An exploration over SEEDS on cpp_standalone, after pre_build or a pre-run (``mode``), in
-    one process, two ('2', forked) or under SCOOP ('scoop'); returns what the tests compare."""
+def run_seeded_scenario(mode, hows, folder):
+    """Explorations over SEEDS on cpp_standalone, after pre_build or a pre-run (``mode``), with
+    one program compiled into ``folder``/program: one for each of ``hows`` (comma-separated), in
+    one process ('1'), two ('2', forked) or under SCOOP ('scoop'). Returns what the tests
+    compare, the runs by how."""
     brian2.set_device("cpp_standalone", build_on_run=False)
     program, make_calls = os.path.join(folder, "program"), os.path.join(folder, "make_calls")
-    filename = os.path.join(folder, f"seeded_{mode}_{how}.hdf5")
-    for old in (filename, make_calls):
-        if os.path.exists(old):  # the folder serves the whole session
-            os.remove(old)
-    processes = {"2": dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL"),
-                 "scoop": dict(multiproc=True, use_scoop=True, wrap_mode="LOCAL")}[how] if (
-        how != "1") else {}
-    env = Environment(trajectory="seeded", filename=filename, log_config=None, log_stdout=False,
-                      report_progress=False, add_time=False, **processes)
-    traj = env.trajectory
+    if os.path.exists(make_calls):  # the folder serves the whole session
+        os.remove(make_calls)
     manager = brian2pet.StandaloneNetworkManager(
         SeededRunner(report=None), [SeededNetwork()], [SeededRecorder()], directory=program)
-    manager.add_parameters(traj)
-    traj.f_explore({"run_seed": SEEDS})
-    brian2.seed(SEEDED_MAIN_SEED)
-    (manager.pre_run_network if mode == "pre_run" else manager.pre_build)(traj)
-    compiled = program_files(program)
-    traj.f_store()
-    env.run(manager.run_network)
-    env.disable_logging()
-    back = load_trajectory(name="seeded", filename=filename, load_data=2,
-                           dynamic_imports=[Brian2Parameter])
-    runs = []
-    for name in back.f_get_run_names():
-        stored = back.f_get(f"results.runs.{name}.seeded").f_to_dict()
-        runs.append({key: value if key in ("host", "process") else np.asarray(value).tolist()
-                     for key, value in stored.items()})
+    runs_by, compiled = {}, None
+    for how in hows.split(","):
+        filename = os.path.join(folder, f"seeded_{how}.hdf5")
+        if os.path.exists(filename):
+            os.remove(filename)
+        processes = {"1": {}, "2": dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL"),
+                     "scoop": dict(multiproc=True, use_scoop=True, wrap_mode="LOCAL")}[how]
+        env = Environment(trajectory="seeded", filename=filename, log_config=None,
+                          log_stdout=False, report_progress=False, add_time=False, **processes)
+        traj = env.trajectory
+        manager.add_parameters(traj)
+        traj.f_explore({"run_seed": SEEDS})
+        if compiled is None:
+            brian2.seed(SEEDED_MAIN_SEED)
+            (manager.pre_run_network if mode == "pre_run" else manager.pre_build)(traj)
+            compiled = program_files(program)
+        traj.f_store()
+        env.run(manager.run_network)
+        env.disable_logging()
+        back = load_trajectory(name="seeded", filename=filename, load_data=2,
+                               dynamic_imports=[Brian2Parameter])
+        runs_by[how] = []
+        for name in back.f_get_run_names():
+            stored = back.f_get(f"results.runs.{name}.seeded").f_to_dict()
+            runs_by[how].append({key: value if key in ("host", "process")
+                                 else np.asarray(value).tolist() for key, value in stored.items()})
     with open(make_calls) as handle:
         compiled_on = handle.read().split()
-    return {"runs": runs, "compiled on": compiled_on, "main process": os.getpid(),
+    return {"runs by": runs_by, "compiled on": compiled_on, "main process": os.getpid(),
             "program unchanged by the runs": program_files(program) == compiled,
             "results left": sorted(p for p in os.listdir(program) if p.startswith("results_"))}
 
 
-def plain_seeded_runs(mode, folder):
-    """The oracle: {seed: numbers} of cpp_standalone written by hand, one program per seed in
-    SEEDS, which seeds where SeededNetwork.build() does."""
-    import gc
-
+def plain_seeded_run(mode, run_seed, folder):
+    """The oracle for a run seeded with ``run_seed``: its numbers from cpp_standalone written by
+    hand, which seeds where SeededNetwork.build() does (one program per seed, each in a process
+    of its own, so that Brian2 names the code objects as in brian2pet's program)."""
     brian2.set_device("cpp_standalone", build_on_run=False)
-    device = brian2.get_device()
-    numbers = {}
-    for run_seed in sorted(set(SEEDS)):
-        device.reinit()
-        device.activate(build_on_run=False)
-        brian2.seed(SEEDED_MAIN_SEED)
-        group = seeded_group()
-        network = Network(group)
-        if mode == "pre_run":
-            network.run(10 * ms, namespace={})
-        brian2.seed(run_seed)
-        synapses = seeded_run_objects(group)
-        monitor = SpikeMonitor(group, name="seeded_spikes")
-        network.add(synapses, monitor)
-        network.run(30 * ms, namespace={})
-        device.build(directory=os.path.join(folder, "program"), with_output=False)
-        numbers[run_seed] = seeded_numbers(group, synapses, monitor)
-        # Gone before the next program, so that Brian2 names its code objects alike.
-        del group, synapses, monitor, network
-        gc.collect()
-    return numbers
+    brian2.seed(SEEDED_MAIN_SEED)
+    group = seeded_group()
+    network = Network(group)
+    if mode == "pre_run":
+        network.run(10 * ms, namespace={})
+    brian2.seed(run_seed)
+    synapses = seeded_run_objects(group)
+    monitor = SpikeMonitor(group, name="seeded_spikes")
+    network.add(synapses, monitor)
+    network.run(30 * ms, namespace={})
+    brian2.get_device().build(directory=os.path.join(folder, "program"), with_output=False)
+    return seeded_numbers(group, synapses, monitor)
 
 
 @pytest.fixture(scope="session")
 def seeded_folder(standalone_folder):
-    folder = standalone_folder / "seeded"
-    (folder / "program").mkdir(parents=True, exist_ok=True)
-    return folder
+    """{mode: the folder of its programs}: brian2pet's and the hand-written ones of one mode
+    differ little, and make recompiles only what changed."""
+    folders = {mode: standalone_folder / f"seeded_{mode}" for mode in ("pre_build", "pre_run")}
+    for folder in folders.values():
+        (folder / "program").mkdir(parents=True, exist_ok=True)
+    return folders
 
 
 @pytest.fixture(scope="session")
 def seeded_oracle(seeded_folder):
-    """{mode: {seed: numbers}}, computed in a process of its own when a test first asks."""
+    """{mode: {seed: numbers}}, computed when a test first asks."""
     cache = {}
 
     def oracle(mode):
         if mode not in cache:
-            done = subprocess.run([sys.executable, __file__, "seeded-oracle", mode,
-                                   str(seeded_folder)], capture_output=True, text=True,
-                                  timeout=600, cwd=seeded_folder)
-            assert done.returncode == 0, done.stderr[-3000:]
-            numbers = json.loads(done.stdout.strip().splitlines()[-1])
-            cache[mode] = {int(run_seed): value for run_seed, value in numbers.items()}
+            cache[mode] = {}
+            for run_seed in sorted(set(SEEDS)):
+                done = subprocess.run(
+                    [sys.executable, __file__, "seeded-oracle", mode, str(run_seed),
+                     str(seeded_folder[mode])], capture_output=True, text=True, timeout=600,
+                    cwd=seeded_folder[mode])
+                assert done.returncode == 0, done.stderr[-3000:]
+                cache[mode][run_seed] = json.loads(done.stdout.strip().splitlines()[-1])
         return cache[mode]
 
     return oracle
 
 
-def seeded_scenario(folder, mode, how, launch=(), scoop=("-n", "2")):
+def seeded_scenario(folder, mode, hows, launch=(), scoop=("-n", "2")):
     """What run_seeded_scenario returned, or None if its process failed; and its output.
     ``launch`` comes before the command (e.g. ip netns exec), ``scoop``: SCOOP's options."""
-    command = [*launch, sys.executable, *(["-m", "scoop", *scoop] if how == "scoop" else []),
-               __file__, "seeded", mode, how, str(folder)]
+    command = [*launch, sys.executable, *(["-m", "scoop", *scoop] if hows == "scoop" else []),
+               __file__, "seeded", mode, hows, str(folder)]
     process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     stdout, stderr = ended(process, 600)
@@ -1958,32 +1957,41 @@ def seeded_scenario(folder, mode, how, launch=(), scoop=("-n", "2")):
 
 
 def assert_seeded_as_by_hand(result, oracle):
-    runs = [{key: value for key, value in run.items() if key not in ("host", "process")}
-            for run in result["runs"]]
-    assert len(runs) == len(SEEDS)
-    for index, (run, run_seed) in enumerate(zip(runs, SEEDS)):
-        assert run == oracle[run_seed], f"run {index} (seed {run_seed}) differs from plain Brian2"
-    # The same seed gives the same numbers; another seed others, from each random source.
-    assert runs[0] == runs[1]
-    for key in ("v", "kick", "synapse_j"):  # xi, rand() in run_regularly, connect(p=...)
-        assert runs[2][key] != runs[0][key], key
+    for how, runs in result["runs by"].items():
+        runs = [{key: value for key, value in run.items() if key not in ("host", "process")}
+                for run in runs]
+        assert len(runs) == len(SEEDS), how
+        for index, (run, run_seed) in enumerate(zip(runs, SEEDS)):
+            assert run == oracle[run_seed], f"{how}: run {index} (seed {run_seed}) differs"
+        # The same seed gives the same numbers; another seed others, from each random source.
+        assert runs[0] == runs[1], how
+        for key in ("v", "kick", "synapse_j"):  # xi, rand() in run_regularly, connect(p=...)
+            assert runs[2][key] != runs[0][key], (how, key)
     # Compiled once, by the main script, before the runs; the runs left nothing behind.
     assert len(result["compiled on"]) == 1, result["compiled on"]
     assert result["program unchanged by the runs"]
     assert result["results left"] == []
 
 
-@pytest.mark.parametrize("mode, how", [("pre_build", "1"), ("pre_build", "2"), ("pre_run", "1"),
-                                       ("pre_run", "2"), ("pre_run", "scoop")])
+@pytest.mark.parametrize("mode", ["pre_build", "pre_run"])
 def test_standalone_seeds_every_run_as_plain_brian2_seeded_by_hand(seeded_folder, seeded_oracle,
-                                                                  mode, how):
-    """Under SCOOP the runs go to pickled copies of the manager, which run the program that the
-    main script compiled (a worker's after checking it is the one it records)."""
-    result, output = seeded_scenario(seeded_folder, mode, how)
+                                                                  mode):
+    """One program for both explorations: in one process, and in two."""
+    result, output = seeded_scenario(seeded_folder[mode], mode, "1,2")
     assert result is not None, output[-3000:]
     assert_seeded_as_by_hand(result, seeded_oracle(mode))
-    if how == "scoop":  # a worker ran runs, with the program it did not compile
-        assert {run["process"] for run in result["runs"]} - {result["main process"]}
+
+
+def test_standalone_under_scoop_the_workers_run_the_main_scripts_program(seeded_folder,
+                                                                         seeded_oracle):
+    """SCOOP gives the runs to pickled copies of the manager: a worker redoes pre_build and the
+    pre-run on the Python side, checks that the program in the folder is the one it records,
+    executes it once for the pre-run's analysers, and runs it."""
+    result, output = seeded_scenario(seeded_folder["pre_run"], "pre_run", "scoop")
+    assert result is not None, output[-3000:]
+    assert_seeded_as_by_hand(result, seeded_oracle("pre_run"))
+    processes = {run["process"] for run in result["runs by"]["scoop"]}
+    assert processes - {result["main process"]}, processes  # a worker ran runs
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2735,7 +2743,7 @@ def seeded_across_hosts(hosts, folder, tmp_path):
     on each."""
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text("".join(f"{address} 1\n" for address in hosts.addresses))
-    return seeded_scenario(folder, "pre_run", "scoop",
+    return seeded_scenario(folder["pre_run"], "pre_run", "scoop",
                            launch=["ip", "netns", "exec", hosts.namespaces[0]],
                            scoop=["--hostfile", str(hostfile), "-n", "2", "--tunnel",
                                   "--ssh-executable", str(hosts.ssh)])
@@ -2750,12 +2758,12 @@ def test_standalone_exploration_across_two_hosts_runs_the_one_program(
     assert result is not None, output[-3000:]
     assert_seeded_as_by_hand(result, seeded_oracle("pre_run"))
     assert two_hosts.names[1] not in result["compiled on"]  # the main script's host compiled
-    assert two_hosts.names[1] in [run["host"] for run in result["runs"]]
+    assert two_hosts.names[1] in [run["host"] for run in result["runs by"]["scoop"]]
 
 
 def test_a_host_that_cannot_see_the_program_fails_its_run_naming_the_folder(seeded_folder,
                                                                            tmp_path):
-    program = seeded_folder / "program"
+    program = seeded_folder["pre_run"] / "program"
     with hosts_started(tmp_path, hidden=program) as hosts:
         result, output = seeded_across_hosts(hosts, seeded_folder, tmp_path)
     assert result is None
@@ -3829,16 +3837,17 @@ if __name__ == "__main__":
     # The explorations that need processes of their own:
     #   python [-m scoop -n 2] test_brian2pet.py matrix MODE HOW FILE [resume]   (run_matrix)
     #   python test_brian2pet.py standalone SCENARIO DEVICE NCORES FOLDER    (run_standalone_scenario)
-    #   python [-m scoop -n 2] test_brian2pet.py seeded MODE HOW FOLDER      (run_seeded_scenario)
-    #   python test_brian2pet.py seeded-oracle MODE FOLDER                    (plain_seeded_runs)
+    #   python [-m scoop -n 2] test_brian2pet.py seeded MODE HOWS FOLDER     (run_seeded_scenario)
+    #   python test_brian2pet.py seeded-oracle MODE SEED FOLDER               (plain_seeded_run)
     if sys.argv[1] == "matrix":
         _, _, matrix_mode, matrix_how, matrix_file, *matrix_resume = sys.argv
         run_matrix(matrix_file, matrix_mode, matrix_how, resume=bool(matrix_resume))
     elif sys.argv[1] == "seeded":
-        _, _, seeded_mode, seeded_how, seeded_in = sys.argv
-        print(json.dumps(run_seeded_scenario(seeded_mode, seeded_how, seeded_in)))
+        _, _, seeded_mode, seeded_hows, seeded_in = sys.argv
+        print(json.dumps(run_seeded_scenario(seeded_mode, seeded_hows, seeded_in)))
     elif sys.argv[1] == "seeded-oracle":
-        print(json.dumps(plain_seeded_runs(sys.argv[2], sys.argv[3])))
+        _, _, seeded_mode, seeded_with, seeded_in = sys.argv
+        print(json.dumps(plain_seeded_run(seeded_mode, int(seeded_with), seeded_in)))
     else:
         _, _, scenario, device, ncores, folder = sys.argv
         print(json.dumps(run_standalone_scenario(scenario, device, int(ncores), folder)))
