@@ -2074,6 +2074,7 @@ import socket  # noqa: E402
 import tempfile  # noqa: E402
 import types  # noqa: E402
 
+from brian2.core.names import Nameable  # noqa: E402
 from brian2.core.variables import VariableView  # noqa: E402
 from brian2.devices.cpp_standalone.device import CPPStandaloneDevice  # noqa: E402
 from brian2.devices.device import all_devices, set_device  # noqa: E402
@@ -2306,6 +2307,19 @@ def _program_listing(device, directory):
         for name in sorted(names) if os.path.isfile(os.path.join(directory, name))]
 
 
+def _names_taken():
+    """The names of Brian2's objects alive in this process (Brian2 2.9 and 2.11 find a free name
+    for a new object among those of Nameable.__instances__)."""
+    return {obj.name for obj in (ref() for ref in Nameable.__instances__()) if obj is not None}
+
+
+def _plain(value):
+    """Whether ``value`` is made of numbers and text only (a main_queue entry a copy can take)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (str, numbers.Number))
+
+
 def _cannot_see(directory, what):
     return RuntimeError(
         f"The host {socket.gethostname()} cannot see the exploration's program in {directory}: "
@@ -2332,17 +2346,24 @@ class StandaloneNetworkManager(NetworkManager):
         self._program = None  # once compiled: the network, its dict and noted subruns, per part
         self._compiling_after_pre_run = False
         self._compiled_by_original = False  # True in a pickled copy: it only runs the program
-        self._seeds_before_pre_build = []  # what the main script gave brian2.seed, for copies
+        self._main_script_did = None  # to the device before pre_build (see pre_build)
+        self._pre_run_values = None  # the run values and seeds the pre-run is analysed with
+        self._names_held = []  # in a copy while it records: names taken in the original's process
 
     def pre_build(self, traj):
         """pre_build as in spec 7.3; then, unless pre_run_network goes on to the pre-run, record the
         first run and compile the program (section 8)."""
+        device = self._device_of_a_copy() if self._compiled_by_original else _standalone_device()
+        # Brian2 numbers the names it makes (of code objects, of objects named by default) after
+        # the names of the objects alive in the process, and a copy must record the names that the
+        # original did: it takes, while it records, the names that were taken in the original's
+        # process (an earlier exploration's objects that pypet or SCOOP still hold, say).
+        _made_in_this_process.clear()
+        gc.collect()
         if self._compiled_by_original:
-            device = self._device_of_a_copy()
-            for value in self._seeds_before_pre_build:
-                device.seed(value)
+            taken = set(self._main_script_did[2]) - _names_taken()
+            self._names_held = [Nameable(name) for name in sorted(taken)]
         else:
-            device = _standalone_device()
             if not any(entry[0] == "seed" for entry in device.main_queue):
                 # Without a seed the program would seed itself differently at every execution. The
                 # number is drawn without moving numpy's generator (Brian2 2.9 and 2.11: main_queue
@@ -2350,8 +2371,10 @@ class StandaloneNetworkManager(NetworkManager):
                 state = np.random.get_state()
                 device.seed(int(np.random.randint(2**31 - 1)))
                 np.random.set_state(state)
-            self._seeds_before_pre_build = [value for kind, value in device.main_queue
-                                            if kind == "seed"]
+            # What the main script did to the device, for copies to do alike: its time step, and
+            # what it put into the program (the seed, the time step that set_device copied over).
+            self._main_script_did = (device.defaultclock.dt, [
+                entry for entry in device.main_queue if _plain(entry)], sorted(_names_taken()))
         super().pre_build(traj)
         if not self._compiling_after_pre_run:
             device.apply_run_args()
@@ -2385,8 +2408,14 @@ class StandaloneNetworkManager(NetworkManager):
 
     def _compile(self, traj, noted_pre_run):
         network = self._start.network
+        copy = self._compiled_by_original
         # The first run's build() makes the program's objects; its values are taken, not compiled.
-        traj.v_idx = 0
+        # A copy's trajectory holds the parameters of one run only (pypet's v_full_copy), and is
+        # at their defaults here (section 7.3): what the first run compiles cannot depend on
+        # explored values (checked below in the original), and the check of the program finds
+        # anything that would.
+        if not copy:
+            traj.v_idx = 0
         brian_list = list(self._brian_list)
         network_dict = {key: _copy_for_one_run(value) for key, value in self._network_dict.items()}
         first = _RunBuild(self, traj, brian_list, network_dict, first=True)
@@ -2400,7 +2429,8 @@ class StandaloneNetworkManager(NetworkManager):
                       if isinstance(getattr(obj, "namespace", None), dict)}
         self._program = dict(network=network, network_dict=network_dict, noted=noted, first=first,
                              brian_list=brian_list, namespaces=namespaces)
-        if self._compiled_by_original:
+        if copy:
+            self._names_held = []  # the program is recorded
             self._use_the_compiled_program()
         else:
             # Every run's build() before anything compiles: same objects, same compiled sets.
@@ -2409,24 +2439,34 @@ class StandaloneNetworkManager(NetworkManager):
                 self._build_run(traj, check_reads=True)
             traj.f_restore_default()
             self._build_program()
-        if noted_pre_run is not None:
-            # The pre-run is analysed from an execution of the first run, whose results stay for
-            # that run's analysers in the original (a copy's go: its runs are others).
-            results = f"results_pre_run_{uuid.uuid4().hex}" if self._compiled_by_original else (
-                "results_0")
+        if noted_pre_run is None:
+            return
+        # The pre-run is analysed from an execution with the first run's values, whose results
+        # stay for that run's analysers in the original. A copy executes with the same values
+        # (kept by name, which it gives to its own variables), into results of its own.
+        if copy:
+            run_values, _, _ = self._build_run(traj)
+            values, seeds = self._pre_run_values
+            run_values = {view: values.get((view.group_name, view.name), value)
+                          for view, value in run_values.items()}
+            results = f"results_pre_run_{uuid.uuid4().hex}"
+        else:
             traj.v_idx = 0
             run_values, seeds, _ = self._build_run(traj)
             traj.f_restore_default()
-            self._run_program(results, run_values, seeds)
-            before = dict(self._network_dict)
-            self._analyse(traj, network, self._network_dict, noted_pre_run)
-            # What the pre-run's analysers put into network_dict, every run finds there too.
-            self._program["network_dict"].update(
-                (key, value) for key, value in self._network_dict.items()
-                if key not in before or before[key] is not value)
-            if self._compiled_by_original:
-                shutil.rmtree(os.path.join(self.directory, results), ignore_errors=True)
-                self._results = None
+            self._pre_run_values = ({(view.group_name, view.name): value
+                                     for view, value in run_values.items()}, seeds)
+            results = "results_0"
+        self._run_program(results, run_values, seeds)
+        before = dict(self._network_dict)
+        self._analyse(traj, network, self._network_dict, noted_pre_run)
+        # What the pre-run's analysers put into network_dict, every run finds there too.
+        self._program["network_dict"].update(
+            (key, value) for key, value in self._network_dict.items()
+            if key not in before or before[key] is not value)
+        if copy:
+            shutil.rmtree(os.path.join(self.directory, results), ignore_errors=True)
+            self._results = None
 
     def _build_program(self):
         """Compile the recorded program into ``directory``, and list what a copy checks."""
@@ -2451,18 +2491,17 @@ class StandaloneNetworkManager(NetworkManager):
         if not (os.path.isfile(listing) and os.path.isfile(os.path.join(self.directory, "main"))):
             raise _cannot_see(self.directory, f"the folder holds no program compiled by "
                                               f"brian2pet (main and {_PROGRAM_LISTING})")
-        device = get_device()
-        if not isinstance(device, CPPStandaloneDevice):  # workers never ran the main script
+        if not isinstance(get_device(), CPPStandaloneDevice):  # workers never ran the main script
             set_device(self._device_name, build_on_run=False)
-            device = get_device()
-        elif device.main_queue or device.code_objects:
-            # This process recorded something before (another exploration, or the main script of
-            # a resume): the copy records the program from scratch, as the original did.
-            dt = device.defaultclock.dt
-            device.reinit()
-            device.activate(build_on_run=False)
-            device.defaultclock.dt = dt
-        return _standalone_device()
+        # Whatever this process recorded before (another exploration, the main script of a
+        # resume) goes; then the device is as the main script left it before pre_build.
+        device = _standalone_device()
+        device.reinit()
+        device.activate(build_on_run=False)
+        dt, main_queue, _ = self._main_script_did
+        device.defaultclock.dt = dt
+        device.main_queue[:] = main_queue  # (without the set of dt just queued)
+        return device
 
     def _use_the_compiled_program(self):
         """In a pickled copy: check that the program it recorded is the one in ``directory``
@@ -2482,8 +2521,10 @@ class StandaloneNetworkManager(NetworkManager):
                 f"The program in {self.directory} is not the one this process records "
                 f"({differ.split(None, 1)[-1]} differs): the folder holds another exploration's "
                 f"program, or pre_build, the pre-run or what the main script did before them "
-                f"differs between processes (a seed, Brian2's preferences, defaultclock.dt, or "
-                f"Brian2's version). Set those where every process sets them."
+                f"differs between processes (a seed, Brian2's preferences, defaultclock.dt, "
+                f"Brian2's version, or objects of Brian2 kept alive from an earlier exploration, "
+                f"after which Brian2 numbers the names it makes). Set those where every process "
+                f"sets them, and let earlier explorations' objects go."
             )
         if [f"{_md5_of(os.path.join(self.directory, 'main'))}  main"] != binary:
             raise _cannot_see(self.directory, "its binary `main` is not the one compiled from "

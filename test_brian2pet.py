@@ -1850,19 +1850,17 @@ def program_files(program):
 
 
 def run_seeded_scenario(mode, hows, folder):
-    """Explorations over SEEDS on cpp_standalone, after pre_build or a pre-run (``mode``), with
-    one program compiled into ``folder``/program: one for each of ``hows`` (comma-separated), in
-    one process ('1'), two ('2', forked) or under SCOOP ('scoop'). Returns what the tests
-    compare, the runs by how."""
+    """Explorations over SEEDS on cpp_standalone after pre_build or a pre-run (``mode``), one for
+    each of ``hows`` (comma-separated) in turn, in one process ('1'), two ('2', forked) or under
+    SCOOP ('scoop'); each has a manager of its own, which compiles into ``folder``/program, as
+    a script's experiments do. Returns what the tests compare, the runs by exploration."""
     brian2.set_device("cpp_standalone", build_on_run=False)
     program, make_calls = os.path.join(folder, "program"), os.path.join(folder, "make_calls")
     if os.path.exists(make_calls):  # the folder serves the whole session
         os.remove(make_calls)
-    manager = brian2pet.StandaloneNetworkManager(
-        SeededRunner(report=None), [SeededNetwork()], [SeededRecorder()], directory=program)
-    runs_by, compiled = {}, None
-    for how in hows.split(","):
-        filename = os.path.join(folder, f"seeded_{how}.hdf5")
+    runs_by, unchanged = [], []
+    for index, how in enumerate(hows.split(",")):
+        filename = os.path.join(folder, f"seeded_{index}_{how}.hdf5")
         if os.path.exists(filename):
             os.remove(filename)
         processes = {"1": {}, "2": dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL"),
@@ -1870,26 +1868,31 @@ def run_seeded_scenario(mode, hows, folder):
         env = Environment(trajectory="seeded", filename=filename, log_config=None,
                           log_stdout=False, report_progress=False, add_time=False, **processes)
         traj = env.trajectory
+        manager = brian2pet.StandaloneNetworkManager(
+            SeededRunner(report=None), [SeededNetwork()], [SeededRecorder()], directory=program)
         manager.add_parameters(traj)
         traj.f_explore({"run_seed": SEEDS})
-        if compiled is None:
-            brian2.seed(SEEDED_MAIN_SEED)
-            (manager.pre_run_network if mode == "pre_run" else manager.pre_build)(traj)
-            compiled = program_files(program)
+        brian2.get_device().reinit()  # the device forgets the earlier exploration's program
+        brian2.get_device().activate(build_on_run=False)
+        brian2.seed(SEEDED_MAIN_SEED)
+        (manager.pre_run_network if mode == "pre_run" else manager.pre_build)(traj)
+        compiled = program_files(program)
         traj.f_store()
         env.run(manager.run_network)
         env.disable_logging()
+        unchanged.append(program_files(program) == compiled)
         back = load_trajectory(name="seeded", filename=filename, load_data=2,
                                dynamic_imports=[Brian2Parameter])
-        runs_by[how] = []
+        runs_by.append([])
         for name in back.f_get_run_names():
             stored = back.f_get(f"results.runs.{name}.seeded").f_to_dict()
-            runs_by[how].append({key: value if key in ("host", "process")
-                                 else np.asarray(value).tolist() for key, value in stored.items()})
+            runs_by[-1].append({key: value if key in ("host", "process")
+                                else np.asarray(value).tolist() for key, value in stored.items()})
+        del env, traj, manager, back  # as an experiment's objects go before the next one
     with open(make_calls) as handle:
         compiled_on = handle.read().split()
     return {"runs by": runs_by, "compiled on": compiled_on, "main process": os.getpid(),
-            "program unchanged by the runs": program_files(program) == compiled,
+            "program unchanged by the runs": unchanged,
             "results left": sorted(p for p in os.listdir(program) if p.startswith("results_"))}
 
 
@@ -1945,7 +1948,8 @@ def seeded_oracle(seeded_folder):
 def seeded_scenario(folder, mode, hows, launch=(), scoop=("-n", "2")):
     """What run_seeded_scenario returned, or None if its process failed; and its output.
     ``launch`` comes before the command (e.g. ip netns exec), ``scoop``: SCOOP's options."""
-    command = [*launch, sys.executable, *(["-m", "scoop", *scoop] if hows == "scoop" else []),
+    command = [*launch, sys.executable,
+               *(["-m", "scoop", *scoop] if hows.startswith("scoop") else []),
                __file__, "seeded", mode, hows, str(folder)]
     process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -1957,7 +1961,7 @@ def seeded_scenario(folder, mode, hows, launch=(), scoop=("-n", "2")):
 
 
 def assert_seeded_as_by_hand(result, oracle):
-    for how, runs in result["runs by"].items():
+    for how, runs in enumerate(result["runs by"]):
         runs = [{key: value for key, value in run.items() if key not in ("host", "process")}
                 for run in runs]
         assert len(runs) == len(SEEDS), how
@@ -1967,16 +1971,16 @@ def assert_seeded_as_by_hand(result, oracle):
         assert runs[0] == runs[1], how
         for key in ("v", "kick", "synapse_j"):  # xi, rand() in run_regularly, connect(p=...)
             assert runs[2][key] != runs[0][key], (how, key)
-    # Compiled once, by the main script, before the runs; the runs left nothing behind.
-    assert len(result["compiled on"]) == 1, result["compiled on"]
-    assert result["program unchanged by the runs"]
+    # Compiled once per exploration, by the main script, before the runs; the runs left nothing.
+    assert len(result["compiled on"]) == len(result["runs by"]), result["compiled on"]
+    assert all(result["program unchanged by the runs"])
     assert result["results left"] == []
 
 
 @pytest.mark.parametrize("mode", ["pre_build", "pre_run"])
 def test_standalone_seeds_every_run_as_plain_brian2_seeded_by_hand(seeded_folder, seeded_oracle,
                                                                   mode):
-    """One program for both explorations: in one process, and in two."""
+    """An exploration in one process, then one in two."""
     result, output = seeded_scenario(seeded_folder[mode], mode, "1,2")
     assert result is not None, output[-3000:]
     assert_seeded_as_by_hand(result, seeded_oracle(mode))
@@ -1986,12 +1990,13 @@ def test_standalone_under_scoop_the_workers_run_the_main_scripts_program(seeded_
                                                                          seeded_oracle):
     """SCOOP gives the runs to pickled copies of the manager: a worker redoes pre_build and the
     pre-run on the Python side, checks that the program in the folder is the one it records,
-    executes it once for the pre-run's analysers, and runs it."""
-    result, output = seeded_scenario(seeded_folder["pre_run"], "pre_run", "scoop")
+    executes it once for the pre-run's analysers, and runs it. Two explorations in turn, as the
+    example's experiments: a worker that recorded the first records the second afresh."""
+    result, output = seeded_scenario(seeded_folder["pre_run"], "pre_run", "scoop,scoop")
     assert result is not None, output[-3000:]
     assert_seeded_as_by_hand(result, seeded_oracle("pre_run"))
-    processes = {run["process"] for run in result["runs by"]["scoop"]}
-    assert processes - {result["main process"]}, processes  # a worker ran runs
+    for runs in result["runs by"]:  # a worker ran runs
+        assert {run["process"] for run in runs} - {result["main process"]}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2758,7 +2763,7 @@ def test_standalone_exploration_across_two_hosts_runs_the_one_program(
     assert result is not None, output[-3000:]
     assert_seeded_as_by_hand(result, seeded_oracle("pre_run"))
     assert two_hosts.names[1] not in result["compiled on"]  # the main script's host compiled
-    assert two_hosts.names[1] in [run["host"] for run in result["runs by"]["scoop"]]
+    assert two_hosts.names[1] in [run["host"] for run in result["runs by"][0]]
 
 
 def test_a_host_that_cannot_see_the_program_fails_its_run_naming_the_folder(seeded_folder,
