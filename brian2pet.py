@@ -2033,25 +2033,28 @@ def _collecting_only_the_runs_garbage():
 # in every run: the main script's seed (or, without one, a number drawn once), pre_build and the
 # pre-run. Every run's build() calls seed as often, and at the same point among the steps that are
 # compiled, as the first run's; a build() that seeds only while it makes objects (in the first
-# run) gives every run the first run's seeds. Refused, naming the part: a seed outside 0 .. 2**32
-# - 1 (numpy's range in runtime mode), and a seed in build() on a device built on cpp_standalone
-# (its program may seed otherwise; seed in the main script or pre_build there).
+# run) gives every run the first run's seeds. Refused, naming the part: a seed outside 0..2**32-1
+# (numpy's range in runtime mode), and a seed in build() on a device built on cpp_standalone (its
+# program may seed otherwise; seed in the main script or pre_build there).
 #
 # Pickled copies of the manager (SCOOP's workers, pypet's resume; section 7.3) run the program
 # that the original compiled, and never compile. A copy redoes pre_build and the pre-run on the
-# Python side only: it makes the device active (as the main script did), gives it the main
-# script's seeds, records the program as the original did and lets Brian2 write its sources into a
-# temporary folder, never into `directory`, which processes of many hosts share. Those sources
-# must be the ones that the original compiled (it lists them with their md5, and the binary's, in
-# brian2pet_program.md5 after its compile); otherwise, or where the program cannot be seen, the
-# copy's runs fail with an error naming the folder. So: `directory` must be on a file system that
-# every host sees at the same path (SCOOP asks the same of the script); Brian2's preferences and
-# defaultclock.dt must be set where every process sets them (on import, or in pre_build); hosts of
-# different CPUs need a program compiled without -march=native
-# (prefs.codegen.cpp.extra_compile_args_gcc). After a pre-run a copy executes the program once
-# more, with the first run's values, to analyse the pre-run as the original did (its analysers may
-# put into network_dict what every run reads). A copy writes into `directory` only its runs'
-# results directories (and Brian2 the files of array run values, under a lock).
+# Python side only, as the original did: it makes the device active and empty, gives it what the
+# main script had put into the program before pre_build (its seed, the time step), takes the names
+# that objects alive in the original's process had taken (Brian2 numbers default names after
+# them), records the program, and lets Brian2 write its sources into a temporary folder, never
+# into `directory`, which processes of many hosts share. Those sources must be the ones that the
+# original compiled (it lists them, and the binary, in brian2pet_program.md5 after its compile);
+# otherwise, or where the program cannot be seen, the copy's runs fail with an error naming the
+# folder. So: `directory` must be on a file system that every host sees at the same path (SCOOP
+# asks the same of the script); pre_build, Brian2's preferences and defaultclock.dt must be the
+# same in every process (set them on import or in pre_build; a pre_build that seeds otherwise in
+# another process is refused so); hosts of different CPUs need a program compiled without
+# -march=native (prefs.codegen.cpp.extra_compile_args_gcc). After a pre-run a copy executes the
+# program once more, with the first run's values (the original's, kept by name), to analyse the
+# pre-run as the original did: its analysers may put into network_dict what every run reads. A
+# copy writes into `directory` only its runs' results directories (and Brian2 the files of array
+# run values, under a lock).
 #
 # Differences from runtime mode, as the standalone devices allow no other:
 #   - The analysers run after the program, subrun by subrun: network.t is the end of the subrun
@@ -2522,9 +2525,8 @@ class StandaloneNetworkManager(NetworkManager):
                 f"({differ.split(None, 1)[-1]} differs): the folder holds another exploration's "
                 f"program, or pre_build, the pre-run or what the main script did before them "
                 f"differs between processes (a seed, Brian2's preferences, defaultclock.dt, "
-                f"Brian2's version, or objects of Brian2 kept alive from an earlier exploration, "
-                f"after which Brian2 numbers the names it makes). Set those where every process "
-                f"sets them, and let earlier explorations' objects go."
+                f"Brian2's version). Make them the same in every process: set them on import, "
+                f"or in pre_build."
             )
         if [f"{_md5_of(os.path.join(self.directory, 'main'))}  main"] != binary:
             raise _cannot_see(self.directory, "its binary `main` is not the one compiled from "

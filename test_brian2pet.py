@@ -1802,10 +1802,17 @@ def seeded_numbers(group, synapses, monitor):
 
 
 class SeededNetwork(NetworkComponent):
+    """``seed_by_process``: pre_build seeds with the process id, as no pre_build should."""
+
+    def __init__(self, seed_by_process=False):
+        self.seed_by_process = seed_by_process
+
     def add_parameters(self, traj):
         traj.f_add_parameter("run_seed", 0)
 
     def pre_build(self, traj, brian_list, network_dict):
+        if self.seed_by_process:
+            brian2.seed(os.getpid())
         network_dict["group"] = seeded_group()
         brian_list.append(network_dict["group"])
 
@@ -1850,7 +1857,8 @@ def program_files(program):
 
 
 def run_seeded_scenario(mode, hows, folder):
-    """Explorations over SEEDS on cpp_standalone after pre_build or a pre-run (``mode``), one for
+    """Explorations over SEEDS on cpp_standalone after pre_build or a pre-run (``mode``; with
+    'pre_build by process', pre_build seeds with the process id), one for
     each of ``hows`` (comma-separated) in turn, in one process ('1'), two ('2', forked) or under
     SCOOP ('scoop'); each has a manager of its own, which compiles into ``folder``/program, as
     a script's experiments do. Returns what the tests compare, the runs by exploration."""
@@ -1869,7 +1877,8 @@ def run_seeded_scenario(mode, hows, folder):
                           log_stdout=False, report_progress=False, add_time=False, **processes)
         traj = env.trajectory
         manager = brian2pet.StandaloneNetworkManager(
-            SeededRunner(report=None), [SeededNetwork()], [SeededRecorder()], directory=program)
+            SeededRunner(report=None), [SeededNetwork(mode == "pre_build by process")],
+            [SeededRecorder()], directory=program)
         manager.add_parameters(traj)
         traj.f_explore({"run_seed": SEEDS})
         brian2.get_device().reinit()  # the device forgets the earlier exploration's program
@@ -1997,6 +2006,17 @@ def test_standalone_under_scoop_the_workers_run_the_main_scripts_program(seeded_
     assert_seeded_as_by_hand(result, seeded_oracle("pre_run"))
     for runs in result["runs by"]:  # a worker ran runs
         assert {run["process"] for run in runs} - {result["main process"]}
+
+
+def test_standalone_under_scoop_a_pre_build_that_differs_between_processes_fails_the_runs(
+        seeded_folder):
+    """pre_build is compiled in: a copy's that seeds otherwise than the original's records
+    another program than the one in the folder, and its runs fail, naming the folder."""
+    folder = seeded_folder["pre_build"]
+    result, output = seeded_scenario(folder, "pre_build by process", "scoop")
+    assert result is None
+    assert (f"RuntimeError: The program in {folder / 'program'} is not the one this process "
+            f"records (main.cpp differs)") in output
 
 
 # -------------------------------------------------------------------------------------------------
