@@ -2353,6 +2353,12 @@ class StandaloneNetworkManager(NetworkManager):
         self._pre_run_values = None  # the run values and seeds the pre-run is analysed with
         self._names_held = []  # in a copy while it records: names taken in the original's process
 
+    @property
+    def compiles(self):
+        """True where pre_build compiles the program; False in a pickled copy (a SCOOP worker, a
+        resumed exploration), whose pre_build records the program to run the original's."""
+        return not self._compiled_by_original
+
     def pre_build(self, traj):
         """pre_build as in spec 7.3; then, unless pre_run_network goes on to the pre-run, record the
         first run and compile the program (section 8)."""

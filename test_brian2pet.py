@@ -1866,7 +1866,7 @@ def run_seeded_scenario(mode, hows, folder):
     program, make_calls = os.path.join(folder, "program"), os.path.join(folder, "make_calls")
     if os.path.exists(make_calls):  # the folder serves the whole session
         os.remove(make_calls)
-    runs_by, unchanged = [], []
+    runs_by, unchanged, compiles = [], [], []
     for index, how in enumerate(hows.split(",")):
         filename = os.path.join(folder, f"seeded_{index}_{how}.hdf5")
         if os.path.exists(filename):
@@ -1886,6 +1886,7 @@ def run_seeded_scenario(mode, hows, folder):
         brian2.seed(SEEDED_MAIN_SEED)
         (manager.pre_run_network if mode == "pre_run" else manager.pre_build)(traj)
         compiled = program_files(program)
+        compiles.append([manager.compiles, pickle.loads(pickle.dumps(manager)).compiles])
         traj.f_store()
         env.run(manager.run_network)
         env.disable_logging()
@@ -1901,7 +1902,7 @@ def run_seeded_scenario(mode, hows, folder):
     with open(make_calls) as handle:
         compiled_on = handle.read().split()
     return {"runs by": runs_by, "compiled on": compiled_on, "main process": os.getpid(),
-            "program unchanged by the runs": unchanged,
+            "program unchanged by the runs": unchanged, "compiles (the manager, a copy)": compiles,
             "results left": sorted(p for p in os.listdir(program) if p.startswith("results_"))}
 
 
@@ -1983,6 +1984,7 @@ def assert_seeded_as_by_hand(result, oracle):
     # Compiled once per exploration, by the main script, before the runs; the runs left nothing.
     assert len(result["compiled on"]) == len(result["runs by"]), result["compiled on"]
     assert all(result["program unchanged by the runs"])
+    assert result["compiles (the manager, a copy)"] == [[True, False]] * len(result["runs by"])
     assert result["results left"] == []
 
 
