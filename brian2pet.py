@@ -2007,11 +2007,45 @@ def _collecting_only_the_runs_garbage():
 # the objects it made) is given to every run. Everything else is compiled in: objects build() makes
 # are the first run's (make them when missing from network_dict, as
 # `if 'stimulus' not in network_dict:`); values set by expressions, on part of a variable or on
-# synapses, seeds and namespaces must be the same in every run; the subrun steps see the first
-# run's parameters. An explored parameter that would change the program is refused, naming it,
-# before anything compiles: read by add_to_network or remove_from_network of the first run, or read
-# by a build() to make objects (read in the first run's build(), but not by the builds that set
-# values). Differences from runtime mode, as the standalone devices allow no other:
+# synapses, and namespaces must be the same in every run; the subrun steps see the first run's
+# parameters. An explored parameter that would change the program is refused, naming it, before
+# anything compiles: read by add_to_network or remove_from_network of the first run (also as a
+# seed), or read by a build() to make objects (read in the first run's build(), but not by the
+# builds that set values).
+#
+# A run's seed is a run value too. Where the first run's build() called brian2.seed(value), the
+# program seeds its generators as Brian2's own seed code does (value + the thread's number, on
+# cpp_standalone), but with the value the RUN's build() gave, read from an environment variable of
+# the execution (BRIAN2PET_SEED_0, _1, ... one per call; empty for brian2.seed() without a value,
+# which seeds from the system's entropy, as Brian2 does). So run k draws what a cpp_standalone
+# script that calls seed(s_k) at that point draws. Everything before it is compiled in, the same
+# in every run: the main script's seed (or, without one, a number drawn once), pre_build and the
+# pre-run. Every run's build() calls seed as often, and at the same point among the steps that are
+# compiled, as the first run's; a build() that seeds only while it makes objects (in the first
+# run) gives every run the first run's seeds. Refused, naming the part: a seed outside 0..2**32-1
+# (numpy's range in runtime mode), and a seed in build() on a device built on cpp_standalone (its
+# program may seed otherwise; seed in the main script or pre_build there).
+#
+# Pickled copies of the manager (SCOOP's workers, pypet's resume; section 7.3) run the program
+# that the original compiled, and never compile. A copy redoes pre_build and the pre-run on the
+# Python side only, as the original did: it makes the device active and empty, gives it what the
+# main script had put into the program before pre_build (its seed, the time step), takes the names
+# that objects alive in the original's process had taken (Brian2 numbers default names after
+# them), records the program, and lets Brian2 write its sources into a temporary folder, never
+# into `directory`, which processes of many hosts share. Those sources must be the ones that the
+# original compiled (it lists them, and the binary, in brian2pet_program.md5 after its compile);
+# otherwise, or where the program cannot be seen, the copy's runs fail with an error naming the
+# folder. So: `directory` must be on a file system that every host sees at the same path (SCOOP
+# asks the same of the script); pre_build, Brian2's preferences and defaultclock.dt must be the
+# same in every process (set them on import or in pre_build; a pre_build that seeds otherwise in
+# another process is refused so); hosts of different CPUs need a program compiled without
+# -march=native (prefs.codegen.cpp.extra_compile_args_gcc). After a pre-run a copy executes the
+# program once more, with the first run's values (the original's, kept by name), to analyse the
+# pre-run as the original did: its analysers may put into network_dict what every run reads. A
+# copy writes into `directory` only its runs' results directories (and Brian2 the files of array
+# run values, under a lock).
+#
+# Differences from runtime mode, as the standalone devices allow no other:
 #   - The analysers run after the program, subrun by subrun: network.t is the end of the subrun
 #     they analyse, but a group's state and a monitor's data are what they hold at the end of the
 #     run, and network_dict is as the subruns' steps left it at the end (keep what add_to_network
@@ -2019,25 +2053,27 @@ def _collecting_only_the_runs_garbage():
 #   - Emptying subrun_list in analyse() leaves the later subruns unanalysed, though they were
 #     simulated; adding a subrun there is an error naming the analyser.
 #   - Every run starts from the pre-run's state because the program simulates the pre-run anew each
-#     time, with the same seed; the pre-run is analysed from the first run's execution.
-#   - Every execution seeds the program's generator alike (the script's brian2.seed, else a number
-#     drawn once), so runs draw the same random numbers; seeding per run cannot reach a program.
-#   - A pickled copy of the manager (pypet's resume) records and compiles again in its process
-#     (make reuses what did not change); SCOOP's workers would compile one program each.
+#     time, from the same seed; the pre-run is analysed from the first run's execution.
+#   - Runs that do not seed themselves draw the same random numbers: every execution starts from
+#     the same seed (in runtime mode they start from the same random state).
 # ---------------------------------------------------------------------------------------------------
 
 
 # Imported here rather than at the top: sections 1-5 need none of it.
 import hashlib  # noqa: E402
+import numbers  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
 import types  # noqa: E402
 
+from brian2.core.names import Nameable  # noqa: E402
 from brian2.core.variables import VariableView  # noqa: E402
+from brian2.devices.cpp_standalone.device import CPPStandaloneDevice  # noqa: E402
+from brian2.devices.device import all_devices, set_device  # noqa: E402
 
 
 def _standalone_device():
     """The active Brian2 device, if it is a standalone one that builds when told (else an error)."""
-    from brian2.devices.cpp_standalone.device import CPPStandaloneDevice
-
     device = get_device()
     if not isinstance(device, CPPStandaloneDevice) or device.build_on_run:
         raise RuntimeError(
@@ -2047,11 +2083,49 @@ def _standalone_device():
     return device
 
 
+# Where a run seeds, the program runs this instead of the line Brian2 compiles for seed(value)
+# (CPPStandaloneDevice.generate_main_source, for main_queue's 'seed' entries: every thread's
+# generator, one per thread in brian::_random_generators, seeded with value + thread number;
+# without a value, RandomGenerator.seed() from std::random_device). Inserted with
+# device.insert_code('main'), which keeps its place among the recorded steps; the value comes from
+# the environment because Brian2's command-line run_args set only variables. Tested with Brian2
+# 2.9 and 2.11, whose seeding code and templates are the same here.
+_SEED_CODE = """\
+{{
+    const char* _brian2pet_seed = getenv("{variable}");
+    for (size_t _i = 0; _i < brian::_random_generators.size(); _i++)
+        if (_brian2pet_seed != NULL && _brian2pet_seed[0] != '\\0')
+            brian::_random_generators[_i].seed(strtoul(_brian2pet_seed, NULL, 10) + _i);
+        else
+            brian::_random_generators[_i].seed();
+}}"""
+
+_SEED_STEP = ("brian2.seed()", "a run value")  # a seed among the compiled steps of a build()
+
+
+def _seed_variable(index):
+    """The environment variable that carries the value of the program's seed number ``index``."""
+    return f"BRIAN2PET_SEED_{index}"
+
+
+def _checked_seed(part_name, value):
+    """``value`` as a seed for the program: None or an int that numpy (runtime mode) would take."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and (
+            0 <= int(value) < 2**32):
+        return int(value)
+    raise ValueError(
+        f"{part_name}.build() calls brian2.seed({value!r}): a seed is None or an integer from 0 to "
+        f"2**32 - 1 (as in runtime mode, where numpy takes it)."
+    )
+
+
 @contextlib.contextmanager
-def _run_values_taken(record_others, existing):
+def _run_values_taken(record_others, existing, steps):
     """Inside, setting a whole fixed-size variable to a number or an array is noted in ``taken``
     (the run values) instead of done. Any other set (an expression, part of a variable, a synaptic
-    variable) is recorded into the program if ``record_others``, and noted in ``others`` if its
+    variable) is recorded into the program if ``record_others``, and noted in ``steps`` if its
     object is in ``existing`` (names; the sets of an object being made are part of making it).
     A value set after an expression or part of the same variable is an error: the program takes
     the run values before everything the build records, so it would come before it, not after.
@@ -2059,7 +2133,7 @@ def _run_values_taken(record_others, existing):
     Reaches into Brian2 (2.9 and 2.11): every set of a variable, `group.v = ...` and
     `group.v[...] = ...`, goes through VariableView.set_item, replaced for the block.
     """
-    taken, others, compiled = [], [], set()
+    taken, compiled = [], set()
     set_item = VariableView.set_item
 
     def note(view, item, value, level=0, namespace=None):
@@ -2079,13 +2153,13 @@ def _run_values_taken(record_others, existing):
         compiled.add(name)
         if view.group_name in existing:
             where = "" if whole else f"[{_fingerprint(item)}]"
-            others.append((f"{name}{where}", _fingerprint(value)))
+            steps.append((f"{name}{where}", _fingerprint(value)))
         if record_others:
             set_item(view, item, value, level=level + 1, namespace=namespace)
 
     VariableView.set_item = note
     try:
-        yield taken, others
+        yield taken
     finally:
         VariableView.set_item = set_item
 
@@ -2122,43 +2196,65 @@ def _explored_reads(traj):
 
 class _RunBuild:
     """What the parts' build() did in one run: per part (by class name), the explored parameters it
-    read, the run values it set (taken), what else it did that a program compiles (other sets, seeds,
-    namespaces changed: ``compiled``, as (what, fingerprint) pairs) and the objects it made.
+    read, the run values it set (taken), its seeds, what else it did that a program compiles (other
+    sets, seeds where they came, namespaces changed: ``compiled``, as (what, fingerprint) pairs) and
+    the objects it made.
 
-    ``first``: the build of the first run, which makes the program (its compiled steps are recorded).
-    The other builds only note; ``namespaces`` are the program's, which they must leave as they are.
+    ``first``: the build of the first run, which makes the program (its compiled steps are recorded,
+    its seeds become the program's seed points). The other builds only note; ``namespaces`` are the
+    program's, which they must leave as they are.
     """
 
     def __init__(self, manager, traj, brian_list, network_dict, first, namespaces=()):
-        self.reads, self.taken, self.compiled, self.made = {}, {}, {}, {}
+        self.reads, self.taken, self.compiled, self.seeds, self.made = {}, {}, {}, {}, {}
         device = get_device()
+        seed_points = 0
         for part in manager._parts_in_order():
+            name = type(part).__name__
             before = _live_brian_objects()
-            seeds, seed = [], device.seed
-            device.seed = (lambda value=None: (seeds.append(value), seed(value))) if first else (
-                seeds.append)
+            steps, seeds = [], []
+
+            def seed(value=None, name=name, steps=steps, seeds=seeds):
+                nonlocal seed_points
+                if type(device) is not CPPStandaloneDevice:
+                    raise RuntimeError(
+                        f"{name}.build() calls brian2.seed(): on {type(device).__name__} brian2pet "
+                        f"cannot make a seed a run value (it does so on cpp_standalone). Seed "
+                        f"in the main script or in pre_build instead."
+                    )
+                seeds.append(_checked_seed(name, value))
+                steps.append(_SEED_STEP)
+                if first:
+                    device.insert_code("main", _SEED_CODE.format(
+                        variable=_seed_variable(seed_points)))
+                    seed_points += 1
+
+            device.seed = seed
             try:
                 existing = {obj.name for obj in before}
-                with _explored_reads(traj) as reads, _run_values_taken(first, existing) as (
-                        taken, others):
+                with _explored_reads(traj) as reads, _run_values_taken(first, existing,
+                                                                      steps) as taken:
                     part.build(traj, brian_list, network_dict)
                     _check_brian_list(part, "build", brian_list)
             finally:
                 del device.seed  # the device's own method again
-            compiled = others + [("the seed", repr(value)) for value in seeds]
             for obj, entries in dict(namespaces).items():
                 if obj.namespace != entries:
-                    compiled.append((f"the namespace of {obj.name}", "changed"))
+                    steps.append((f"the namespace of {obj.name}", "changed"))
                     obj.namespace.clear()
                     obj.namespace.update(entries)
-            name = type(part).__name__
-            self.reads[name], self.taken[name], self.compiled[name] = reads, taken, compiled
+            self.reads[name], self.taken[name], self.compiled[name] = reads, taken, steps
+            self.seeds[name] = seeds
             self.made[name] = _live_brian_objects() - before
 
     def run_values(self):
         """{(object name, variable name): (variable view, value)}, the last set of each."""
         return {(view.group_name, view.name): (view, value)
                 for taken in self.taken.values() for view, value in taken}
+
+    def seed_values(self, first):
+        """The run's value for each of the program's seed points, which ``first`` made."""
+        return [value for name in first.seeds for value in (self.seeds[name] or first.seeds[name])]
 
 
 class _AnalysedLater:
@@ -2177,6 +2273,54 @@ class _AnalysedLater:
             self._noted.append((current_subrun, network.t_))
 
 
+# Written into the program's folder after a compile: what a pickled copy checks (see above).
+_PROGRAM_LISTING = "brian2pet_program.md5"
+
+
+def _md5_of(path, lines_sorted=False):
+    """The md5 of a file's bytes, or of its lines in sorted order."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return hashlib.md5(b"\n".join(sorted(data.split(b"\n"))) if lines_sorted else data).hexdigest()
+
+
+def _program_listing(device, directory):
+    """Lines 'md5  name' of the files Brian2 generated for the program it recorded, written into
+    ``directory`` by device.build. Reaches into Brian2 (2.9 and 2.11): device.writer lists the
+    sources and headers that build() wrote, device.static_arrays the data compiled in.
+
+    A file's md5 is that of its lines in sorted order: Brian2 writes some steps that do not depend
+    on each other in an order that differs from process to process (in main.cpp, the times of the
+    clocks, which it sets in the order of a set)."""
+    names = (device.writer.source_files | device.writer.header_files | {"makefile"}
+             | {os.path.join("static_arrays", name) for name in device.static_arrays})
+    return [f"# Brian2 {brian2.__version__}"] + [
+        f"{_md5_of(os.path.join(directory, name), lines_sorted=True)}  {name}"
+        for name in sorted(names) if os.path.isfile(os.path.join(directory, name))]
+
+
+def _names_taken():
+    """The names of Brian2's objects alive in this process (Brian2 2.9 and 2.11 find a free name
+    for a new object among those of Nameable.__instances__)."""
+    return {obj.name for obj in (ref() for ref in Nameable.__instances__()) if obj is not None}
+
+
+def _plain(value):
+    """Whether ``value`` is made of numbers and text only (a main_queue entry a copy can take)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (str, numbers.Number))
+
+
+def _cannot_see(directory, what):
+    return RuntimeError(
+        f"The host {socket.gethostname()} cannot see the exploration's program in {directory}: "
+        f"{what}. A pickled copy of a StandaloneNetworkManager (a SCOOP worker, a resumed "
+        f"exploration) runs the program that the main script compiled into that folder; it must be "
+        f"on a file system that every host sees at the same path."
+    )
+
+
 class StandaloneNetworkManager(NetworkManager):
     """A NetworkManager for Brian2's standalone devices: compile once, run the binary per run.
 
@@ -2184,26 +2328,51 @@ class StandaloneNetworkManager(NetworkManager):
     call ``pre_build(traj)`` or ``pre_run_network(traj)`` before ``env.run``: they record and
     compile the exploration's program (section 8 above says how, and what differs). ``directory``
     holds the program and, while a run's analysers read them, its results (``results_<run>``).
+    A ``brian2.seed(value)`` in a component's build() seeds that run with ``value``.
     """
 
     def __init__(self, network_runner, component_list, analyser_list=(), network_constructor=None,
                  directory="standalone"):
         super().__init__(network_runner, component_list, analyser_list, network_constructor)
-        self.directory = directory
+        self.directory = os.path.abspath(directory)  # the same for the copies in other folders
         self._program = None  # once compiled: the network, its dict and noted subruns, per part
         self._compiling_after_pre_run = False
+        self._compiled_by_original = False  # True in a pickled copy: it only runs the program
+        self._main_script_did = None  # to the device before pre_build (see pre_build)
+        self._pre_run_values = None  # the run values and seeds the pre-run is analysed with
+        self._names_held = []  # in a copy while it records: names taken in the original's process
+
+    @property
+    def compiles(self):
+        """True where pre_build compiles the program; False in a pickled copy (a SCOOP worker, a
+        resumed exploration), whose pre_build records the program to run the original's."""
+        return not self._compiled_by_original
 
     def pre_build(self, traj):
         """pre_build as in spec 7.3; then, unless pre_run_network goes on to the pre-run, record the
         first run and compile the program (section 8)."""
-        device = _standalone_device()
-        if not any(entry[0] == "seed" for entry in device.main_queue):
-            # Without a seed the program would seed itself differently at every execution. The
-            # number is drawn without moving numpy's generator (Brian2 2.9 and 2.11: main_queue
-            # lists what the program will do, in order).
-            state = np.random.get_state()
-            device.seed(int(np.random.randint(2**31 - 1)))
-            np.random.set_state(state)
+        device = self._device_of_a_copy() if self._compiled_by_original else _standalone_device()
+        # Brian2 numbers the names it makes (of code objects, of objects named by default) after
+        # the names of the objects alive in the process, and a copy must record the names that the
+        # original did: it takes, while it records, the names that were taken in the original's
+        # process (an earlier exploration's objects that pypet or SCOOP still hold, say).
+        _made_in_this_process.clear()
+        gc.collect()
+        if self._compiled_by_original:
+            taken = set(self._main_script_did[2]) - _names_taken()
+            self._names_held = [Nameable(name) for name in sorted(taken)]
+        else:
+            if not any(entry[0] == "seed" for entry in device.main_queue):
+                # Without a seed the program would seed itself differently at every execution. The
+                # number is drawn without moving numpy's generator (Brian2 2.9 and 2.11: main_queue
+                # lists what the program will do, in order).
+                state = np.random.get_state()
+                device.seed(int(np.random.randint(2**31 - 1)))
+                np.random.set_state(state)
+            # What the main script did to the device, for copies to do alike: its time step, and
+            # what it put into the program (the seed, the time step that set_device copied over).
+            self._main_script_did = (device.defaultclock.dt, [
+                entry for entry in device.main_queue if _plain(entry)], sorted(_names_taken()))
         super().pre_build(traj)
         if not self._compiling_after_pre_run:
             device.apply_run_args()
@@ -2237,8 +2406,14 @@ class StandaloneNetworkManager(NetworkManager):
 
     def _compile(self, traj, noted_pre_run):
         network = self._start.network
+        copy = self._compiled_by_original
         # The first run's build() makes the program's objects; its values are taken, not compiled.
-        traj.v_idx = 0
+        # A copy's trajectory holds the parameters of one run only (pypet's v_full_copy), and is
+        # at their defaults here (section 7.3): what the first run compiles cannot depend on
+        # explored values (checked below in the original), and the check of the program finds
+        # anything that would.
+        if not copy:
+            traj.v_idx = 0
         brian_list = list(self._brian_list)
         network_dict = {key: _copy_for_one_run(value) for key, value in self._network_dict.items()}
         first = _RunBuild(self, traj, brian_list, network_dict, first=True)
@@ -2252,28 +2427,105 @@ class StandaloneNetworkManager(NetworkManager):
                       if isinstance(getattr(obj, "namespace", None), dict)}
         self._program = dict(network=network, network_dict=network_dict, noted=noted, first=first,
                              brian_list=brian_list, namespaces=namespaces)
-        # Every run's build() before anything compiles: same objects, same compiled sets.
-        for index in range(len(traj)):
-            traj.v_idx = index
-            self._build_run(traj, check_reads=True)
-        traj.f_restore_default()
-
-        started = time.time()
-        get_device().build(directory=self.directory, run=False, with_output=False)
-        self._logger.info(f"Compiled the exploration's program in {time.time() - started:.1f} s")
-        if noted_pre_run is not None:
-            # The pre-run is analysed from an execution of the first run, whose results stay for
-            # that run's analysers: analysing the pre-run costs no execution of its own.
-            traj.v_idx = 0
-            run_values, _ = self._build_run(traj)
+        if copy:
+            self._names_held = []  # the program is recorded
+            self._use_the_compiled_program()
+        else:
+            # Every run's build() before anything compiles: same objects, same compiled sets.
+            for index in range(len(traj)):
+                traj.v_idx = index
+                self._build_run(traj, check_reads=True)
             traj.f_restore_default()
-            self._run_program("results_0", run_values)
-            before = dict(self._network_dict)
-            self._analyse(traj, network, self._network_dict, noted_pre_run)
-            # What the pre-run's analysers put into network_dict, every run finds there too.
-            self._program["network_dict"].update(
-                (key, value) for key, value in self._network_dict.items()
-                if key not in before or before[key] is not value)
+            self._build_program()
+        if noted_pre_run is None:
+            return
+        # The pre-run is analysed from an execution with the first run's values, whose results
+        # stay for that run's analysers in the original. A copy executes with the same values
+        # (kept by name, which it gives to its own variables), into results of its own.
+        if copy:
+            run_values, _, _ = self._build_run(traj)
+            values, seeds = self._pre_run_values
+            run_values = {view: values.get((view.group_name, view.name), value)
+                          for view, value in run_values.items()}
+            results = f"results_pre_run_{uuid.uuid4().hex}"
+        else:
+            traj.v_idx = 0
+            run_values, seeds, _ = self._build_run(traj)
+            traj.f_restore_default()
+            self._pre_run_values = ({(view.group_name, view.name): value
+                                     for view, value in run_values.items()}, seeds)
+            results = "results_0"
+        self._run_program(results, run_values, seeds)
+        before = dict(self._network_dict)
+        self._analyse(traj, network, self._network_dict, noted_pre_run)
+        # What the pre-run's analysers put into network_dict, every run finds there too.
+        self._program["network_dict"].update(
+            (key, value) for key, value in self._network_dict.items()
+            if key not in before or before[key] is not value)
+        if copy:
+            shutil.rmtree(os.path.join(self.directory, results), ignore_errors=True)
+            self._results = None
+
+    def _build_program(self):
+        """Compile the recorded program into ``directory``, and list what a copy checks."""
+        listing = os.path.join(self.directory, _PROGRAM_LISTING)
+        if os.path.exists(listing):
+            os.remove(listing)  # while the folder holds no finished program
+        device = get_device()
+        started = time.time()
+        device.build(directory=self.directory, run=False, with_output=False)
+        self._logger.info(f"Compiled the exploration's program in {time.time() - started:.1f} s")
+        lines = _program_listing(device, self.directory)
+        lines.append(f"{_md5_of(os.path.join(self.directory, 'main'))}  main")
+        with open(listing + ".part", "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+        os.replace(listing + ".part", listing)
+
+    def _device_of_a_copy(self):
+        """In a pickled copy: the original's device, active and empty, once the program is seen."""
+        listing = os.path.join(self.directory, _PROGRAM_LISTING)
+        if not os.path.isdir(self.directory):
+            raise _cannot_see(self.directory, "the folder does not exist here")
+        if not (os.path.isfile(listing) and os.path.isfile(os.path.join(self.directory, "main"))):
+            raise _cannot_see(self.directory, f"the folder holds no program compiled by "
+                                              f"brian2pet (main and {_PROGRAM_LISTING})")
+        if not isinstance(get_device(), CPPStandaloneDevice):  # workers never ran the main script
+            set_device(self._device_name, build_on_run=False)
+        # Whatever this process recorded before (another exploration, the main script of a
+        # resume) goes; then the device is as the main script left it before pre_build.
+        device = _standalone_device()
+        device.reinit()
+        device.activate(build_on_run=False)
+        dt, main_queue, _ = self._main_script_did
+        device.defaultclock.dt = dt
+        device.main_queue[:] = main_queue  # (without the set of dt just queued)
+        return device
+
+    def _use_the_compiled_program(self):
+        """In a pickled copy: check that the program it recorded is the one in ``directory``
+        (sources written by Brian2 into a temporary folder), then run that one."""
+        device = get_device()
+        with open(os.path.join(self.directory, _PROGRAM_LISTING)) as handle:
+            compiled = handle.read().splitlines()
+        with tempfile.TemporaryDirectory(prefix="brian2pet_sources_") as sources:
+            device.build(directory=sources, compile=False, run=False, with_output=False)
+            recorded = _program_listing(device, sources)
+        device.project_dir = self.directory  # where Brian2 puts the files of array run values
+        binary = [line for line in compiled if line.endswith("  main")]
+        compiled = [line for line in compiled if not line.endswith("  main")]
+        if recorded != compiled:
+            differ = sorted(set(recorded) ^ set(compiled))[0]
+            raise RuntimeError(
+                f"The program in {self.directory} is not the one this process records "
+                f"({differ.split(None, 1)[-1]} differs): the folder holds another exploration's "
+                f"program, or pre_build, the pre-run or what the main script did before them "
+                f"differs between processes (a seed, Brian2's preferences, defaultclock.dt, "
+                f"Brian2's version). Make them the same in every process: set them on import, "
+                f"or in pre_build."
+            )
+        if [f"{_md5_of(os.path.join(self.directory, 'main'))}  main"] != binary:
+            raise _cannot_see(self.directory, "its binary `main` is not the one compiled from "
+                                              "these sources (compiled again since?)")
 
     def _record_subruns(self, traj, network, network_dict, pre_run=False):
         """The runner's subruns into the program; returns them noted for analysis after it ran."""
@@ -2285,7 +2537,8 @@ class StandaloneNetworkManager(NetworkManager):
         return noted
 
     def _build_run(self, traj, check_reads=False):
-        """The run's build() on the program's objects: returns its run values and network_dict."""
+        """The run's build() on the program's objects: returns its run values, its seeds and its
+        network_dict."""
         program = self._program
         brian_list = list(program["brian_list"])
         network_dict = {key: _copy_for_one_run(value)
@@ -2301,34 +2554,54 @@ class StandaloneNetworkManager(NetworkManager):
                 made = ", ".join(sorted(obj.name for obj in run.made[name]))
                 raise RuntimeError(
                     f"{name}.build() made {made} in run {traj.v_idx}, though the program already "
-                    f"holds the first run's objects. On a standalone device make objects in build() "
-                    f"only when they are missing from network_dict, e.g. if 'x' not in network_dict."
+                    f"holds the first run's objects. On a standalone device make objects in "
+                    f"build() only when they are missing from network_dict, e.g. if 'x' not in "
+                    f"network_dict."
                 )
-            if run.compiled[name] != first.compiled[name]:
-                what = sorted(set(run.compiled[name]) ^ set(first.compiled[name]))[0][0]
+            first_steps, run_steps = first.compiled[name], run.compiled[name]
+            if first.seeds[name] and not run.seeds[name]:  # seeded as it made the first's objects
+                first_steps = [step for step in first_steps if step != _SEED_STEP]
+            if run_steps == first_steps:
+                continue
+            if [s for s in run_steps if s != _SEED_STEP] == [
+                    s for s in first_steps if s != _SEED_STEP]:
+                times = [{0: "not at all", 1: "once"}.get(len(seeds), f"{len(seeds)} times")
+                         for seeds in (run.seeds[name], first.seeds[name])]
                 raise RuntimeError(
-                    f"{name}.build() sets {what} differently in run {traj.v_idx} than in the first "
-                    f"run, but the program holds the first run's: only a whole variable set to a "
-                    f"number or an array becomes a run value. Use a variable "
-                    f"('x : 1 (shared, constant)') set in build() for what changes from run to run."
+                    f"{name}.build() calls brian2.seed() {times[0]} in run {traj.v_idx} and "
+                    f"{times[1]} in the first run, or at another point: the program seeds where "
+                    f"the first run's build() did. Call it as often, and at the same point, in "
+                    f"every run."
                 )
+            what = sorted(set(run_steps) ^ set(first_steps))[0][0]
+            raise RuntimeError(
+                f"{name}.build() sets {what} differently in run {traj.v_idx} than in the first "
+                f"run, but the program holds the first run's: only a whole variable set to a "
+                f"number or an array becomes a run value. Use a variable "
+                f"('x : 1 (shared, constant)') set in build() for what changes from run to run."
+            )
         # What only the first run's build() sets (when it made the objects) holds for every run.
         values = {**first.run_values(), **run.run_values()}
-        return dict(values.values()), network_dict
+        return dict(values.values()), run.seed_values(first), network_dict
 
     def run_network(self, traj):
         """One run: build() acts, the program runs with the run's values, the analysers analyse."""
         if self._copy_redoes is not None:
             _redo_in_this_process(self, traj)
+            if self._program is None:  # it took over the start made in this process, and so
+                # the program recorded with it
+                made = _made_in_this_process[self._exploration]
+                made = made() if isinstance(made, weakref.ref) else made
+                self._program, self._results = made._program, made._results
         if self._program is None:
             raise RuntimeError(
                 "On a standalone device call pre_build(traj) or pre_run_network(traj) before "
                 "env.run: they compile the exploration's program once for all runs."
             )
-        run_values, network_dict = self._build_run(traj)
+        run_values, seeds, network_dict = self._build_run(traj)
         results = f"results_{traj.v_idx}"
         if self._results != results:  # else pre_run_network ran this run already
-            self._run_program(results, run_values)
+            self._run_program(results, run_values, seeds)
         try:
             self._analyse(traj, self._program["network"], network_dict, self._program["noted"])
         finally:
@@ -2337,9 +2610,19 @@ class StandaloneNetworkManager(NetworkManager):
 
     _results = None  # the results directory the device reads now
 
-    def _run_program(self, results, run_values):
-        get_device().run(directory=self.directory, results_directory=results,
-                         run_args=run_values, with_output=False)
+    def _run_program(self, results, run_values, seeds):
+        device = get_device()
+        variables = {_seed_variable(index): "" if value is None else str(value)
+                     for index, value in enumerate(seeds)}
+        # Brian2 sets these in os.environ for the execution and leaves them there.
+        device.run_environment_variables.update(variables)
+        try:
+            device.run(directory=self.directory, results_directory=results,
+                       run_args=run_values, with_output=False)
+        finally:
+            for name in variables:
+                device.run_environment_variables.pop(name, None)
+                os.environ.pop(name, None)
         self._results = results
 
     def _analyse(self, traj, network, network_dict, noted):
@@ -2368,6 +2651,10 @@ class StandaloneNetworkManager(NetworkManager):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(_program=None, _results=None, _compiling_after_pre_run=False)
+        if self._program is not None:  # a copy runs the program compiled here (section 8)
+            device = get_device()
+            state.update(_compiled_by_original=True, _device_name=next(
+                name for name, known in all_devices.items() if known is device))
         return state
 
 
@@ -2376,5 +2663,6 @@ def _cannot_reach(names, how):
     return RuntimeError(
         f"Explored parameter {names} {how}: its value would be compiled into the program. On a "
         f"standalone device an explored value reaches the program only as a value that build() "
-        f"sets on a whole variable, e.g. group.x = traj.x with 'x : 1 (shared, constant)'."
+        f"sets on a whole variable, e.g. group.x = traj.x with 'x : 1 (shared, constant)', or as "
+        f"the seed that build() gives brian2.seed()."
     )

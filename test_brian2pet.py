@@ -1716,6 +1716,10 @@ def test_a_pickled_manager_travels_without_brian2_objects():
 
 STANDALONE_DRIVES = [0.8, 1.0, 1.3]
 
+# Every make that Brian2 runs in a process that imported this file (SCOOP's workers import it too)
+# notes its host in make_calls, beside the program's folder: the tests count the compiles.
+brian2.prefs.devices.cpp_standalone.make_cmd_unix = "uname -n >> ../make_calls; make"
+
 
 class FixedNetwork(NetworkComponent):
     """Ten neurons with fixed synapses and nothing random: runtime and standalone must agree spike
@@ -1755,8 +1759,11 @@ class FixedNetwork(NetworkComponent):
             group.v = f"{traj.drive} * 0.1"
         elif self.scenario == "namespace per run":
             group.namespace["unused"] = traj.drive
-        elif self.scenario == "seed per run":
-            brian2.seed(traj.v_idx)
+        elif self.scenario == "seed in some runs":
+            if traj.v_idx == 1:
+                brian2.seed(5)
+        elif self.scenario == "seed out of range":
+            brian2.seed(2**32)
         elif self.scenario == "objects per run":
             brian_list.append(SpikeMonitor(group, name="every_run"))
         elif self.scenario == "value after an expression":
@@ -1773,6 +1780,8 @@ class FixedSpikes(NetworkAnalyser):
     def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
         if self.scenario == "read in add_to_network":
             network_dict["drive seen"] = traj.drive
+        elif self.scenario == "seed in add_to_network":
+            brian2.seed(int(10 * traj.drive))
         if current_subrun.v_name == "warmup":  # the pre-run's own monitor, out again after it
             network_dict["warmup"] = StateMonitor(network_dict["group"], "v", record=[0, 6],
                                                   name="warmup_v")
@@ -1826,7 +1835,7 @@ def run_standalone_scenario(scenario, device, ncores, folder):
                    else {"drive": STANDALONE_DRIVES})
     try:
         (manager.pre_run_network if scenario == "pre-run" else manager.pre_build)(traj)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         return {"refused": str(error)}
     compiled = os.stat(os.path.join(program, "main")).st_mtime_ns if device != "runtime" else None
     traj.f_store()
@@ -1905,7 +1914,12 @@ def test_standalone_gives_the_runtime_spikes_for_every_explored_value(standalone
                                r"add_to_network or remove_from_network"),
     ("expression per run", r"FixedNetwork\.build\(\) sets fixed\.v differently in run 1"),
     ("namespace per run", r"FixedNetwork\.build\(\) sets the namespace of fixed differently in run 1"),
-    ("seed per run", r"FixedNetwork\.build\(\) sets the seed differently in run 1"),
+    ("seed in add_to_network", r"Explored parameter `parameters\.drive` is read by a subrun's "
+                               r"add_to_network .* or as the seed that build\(\) gives brian2\.seed"),
+    ("seed in some runs", r"FixedNetwork\.build\(\) calls brian2\.seed\(\) once in run 1 and not at "
+                          r"all in the first run"),
+    ("seed out of range", r"FixedNetwork\.build\(\) calls brian2\.seed\(4294967296\): a seed is "
+                          r"None or an integer from 0 to 2\*\*32 - 1"),
     ("objects per run", r"FixedNetwork\.build\(\) made every_run in run 0"),
     ("value after an expression", r"fixed\.v is set to a value after an expression"),
 ])
@@ -1920,6 +1934,260 @@ def test_standalone_analyser_adding_a_subrun_is_an_error_naming_it(standalone_fo
     result, stderr = standalone_scenario(standalone_folder, "adds a subrun")
     assert result is None  # the first run fails, and with it the exploration in one process
     assert "FixedSpikes.analyse() added subrun `more`: on a standalone device" in stderr
+
+
+# Seeds per run (issue 22): brian2.seed(traj.run_seed) in build() reaches the compiled program as
+# the run's own value. The oracle is cpp_standalone written by hand, one program per seed, that
+# calls seed(s) where build() does. Three random sources follow the seed: the noise (xi) of a
+# pre-built group, rand() in a run_regularly and Synapses.connect(p=...), both made in build().
+# Runs 0 and 1 have one seed, run 2 another. The programs, brian2pet's and the hand-written ones,
+# share one folder, where make recompiles only what changed.
+
+SEEDS = [3, 3, 8]
+SEEDED_MAIN_SEED = 11  # the main script's seed: pre_build's and the pre-run's draws, in every run
+
+
+def seeded_group():
+    group = NeuronGroup(20, "dv/dt = (0.9 - v) / (10*ms) + 0.4 * xi / sqrt(10*ms) : 1\nkick : 1",
+                        threshold="v > 1", reset="v = 0", method="euler", name="seeded",
+                        namespace={})
+    group.v = "rand()"
+    return group
+
+
+def seeded_run_objects(group):
+    """What build() makes after it seeded (in the first run, on a standalone device)."""
+    synapses = brian2.Synapses(group, group, name="seeded_synapses", namespace={})
+    synapses.connect(p=0.3)
+    group.run_regularly("kick += rand()", dt=2 * ms, name="seeded_kicks")
+    return synapses
+
+
+def seeded_numbers(group, synapses, monitor):
+    return {"spike_i": np.asarray(monitor.i).tolist(), "spike_t": np.asarray(monitor.t_).tolist(),
+            "synapse_i": np.asarray(synapses.i).tolist(),
+            "synapse_j": np.asarray(synapses.j).tolist(),
+            "kick": np.asarray(group.kick).tolist(), "v": np.asarray(group.v).tolist()}
+
+
+class SeededNetwork(NetworkComponent):
+    """``seed_by_process``: pre_build seeds with the process id, as no pre_build should."""
+
+    def __init__(self, seed_by_process=False):
+        self.seed_by_process = seed_by_process
+
+    def add_parameters(self, traj):
+        traj.f_add_parameter("run_seed", 0)
+
+    def pre_build(self, traj, brian_list, network_dict):
+        if self.seed_by_process:
+            brian2.seed(os.getpid())
+        network_dict["group"] = seeded_group()
+        brian_list.append(network_dict["group"])
+
+    def build(self, traj, brian_list, network_dict):
+        brian2.seed(traj.run_seed)
+        if "synapses" not in network_dict:
+            network_dict["synapses"] = seeded_run_objects(network_dict["group"])
+            brian_list.append(network_dict["synapses"])
+
+
+class SeededRecorder(NetworkAnalyser):
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "measure":
+            network_dict["monitor"] = SpikeMonitor(network_dict["group"], name="seeded_spikes")
+            network.add(network_dict["monitor"])
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        if current_subrun.v_name == "measure":
+            numbers = seeded_numbers(network_dict["group"], network_dict["synapses"],
+                                     network_dict["monitor"])
+            traj.f_add_result("seeded", host=os.uname().nodename, process=os.getpid(),
+                              **{key: np.array(value) for key, value in numbers.items()})
+
+
+class SeededRunner(NetworkRunner):
+    def add_parameters(self, traj):
+        for name, duration in (("pre_durations.warmup", 10 * ms), ("durations.measure", 30 * ms)):
+            traj.f_add_parameter(Brian2Parameter, f"simulation.{name}",
+                                 duration).v_annotations.order = 0
+
+
+def program_files(program):
+    """{file: (size, modification time)} in a program's folder, without its runs' results."""
+    files = {}
+    for folder, subfolders, names in os.walk(program):
+        subfolders[:] = [name for name in subfolders if not name.startswith("results")]
+        for name in names:
+            stat = os.stat(os.path.join(folder, name))
+            files[os.path.relpath(os.path.join(folder, name), program)] = (stat.st_size,
+                                                                           stat.st_mtime_ns)
+    return files
+
+
+def run_seeded_scenario(mode, hows, folder):
+    """Explorations over SEEDS on cpp_standalone after pre_build or a pre-run (``mode``; with
+    'pre_build by process', pre_build seeds with the process id), one for
+    each of ``hows`` (comma-separated) in turn, in one process ('1'), two ('2', forked) or under
+    SCOOP ('scoop'); each has a manager of its own, which compiles into ``folder``/program, as
+    a script's experiments do. Returns what the tests compare, the runs by exploration."""
+    brian2.set_device("cpp_standalone", build_on_run=False)
+    program, make_calls = os.path.join(folder, "program"), os.path.join(folder, "make_calls")
+    if os.path.exists(make_calls):  # the folder serves the whole session
+        os.remove(make_calls)
+    runs_by, unchanged, compiles = [], [], []
+    for index, how in enumerate(hows.split(",")):
+        filename = os.path.join(folder, f"seeded_{index}_{how}.hdf5")
+        if os.path.exists(filename):
+            os.remove(filename)
+        processes = {"1": {}, "2": dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL"),
+                     "scoop": dict(multiproc=True, use_scoop=True, wrap_mode="LOCAL")}[how]
+        env = Environment(trajectory="seeded", filename=filename, log_config=None,
+                          log_stdout=False, report_progress=False, add_time=False, **processes)
+        traj = env.trajectory
+        manager = brian2pet.StandaloneNetworkManager(
+            SeededRunner(report=None), [SeededNetwork(mode == "pre_build by process")],
+            [SeededRecorder()], directory=program)
+        manager.add_parameters(traj)
+        traj.f_explore({"run_seed": SEEDS})
+        brian2.get_device().reinit()  # the device forgets the earlier exploration's program
+        brian2.get_device().activate(build_on_run=False)
+        brian2.seed(SEEDED_MAIN_SEED)
+        (manager.pre_run_network if mode == "pre_run" else manager.pre_build)(traj)
+        compiled = program_files(program)
+        compiles.append([manager.compiles, pickle.loads(pickle.dumps(manager)).compiles])
+        traj.f_store()
+        env.run(manager.run_network)
+        env.disable_logging()
+        unchanged.append(program_files(program) == compiled)
+        back = load_trajectory(name="seeded", filename=filename, load_data=2,
+                               dynamic_imports=[Brian2Parameter])
+        runs_by.append([])
+        for name in back.f_get_run_names():
+            stored = back.f_get(f"results.runs.{name}.seeded").f_to_dict()
+            runs_by[-1].append({key: value if key in ("host", "process")
+                                else np.asarray(value).tolist() for key, value in stored.items()})
+        del env, traj, manager, back  # as an experiment's objects go before the next one
+    with open(make_calls) as handle:
+        compiled_on = handle.read().split()
+    return {"runs by": runs_by, "compiled on": compiled_on, "main process": os.getpid(),
+            "program unchanged by the runs": unchanged, "compiles (the manager, a copy)": compiles,
+            "results left": sorted(p for p in os.listdir(program) if p.startswith("results_"))}
+
+
+def plain_seeded_run(mode, run_seed, folder):
+    """The oracle for a run seeded with ``run_seed``: its numbers from cpp_standalone written by
+    hand, which seeds where SeededNetwork.build() does (one program per seed, each in a process
+    of its own, so that Brian2 names the code objects as in brian2pet's program)."""
+    brian2.set_device("cpp_standalone", build_on_run=False)
+    brian2.seed(SEEDED_MAIN_SEED)
+    group = seeded_group()
+    network = Network(group)
+    if mode == "pre_run":
+        network.run(10 * ms, namespace={})
+    brian2.seed(run_seed)
+    synapses = seeded_run_objects(group)
+    monitor = SpikeMonitor(group, name="seeded_spikes")
+    network.add(synapses, monitor)
+    network.run(30 * ms, namespace={})
+    brian2.get_device().build(directory=os.path.join(folder, "program"), with_output=False)
+    return seeded_numbers(group, synapses, monitor)
+
+
+@pytest.fixture(scope="session")
+def seeded_folder(standalone_folder):
+    """{mode: the folder of its programs}: brian2pet's and the hand-written ones of one mode
+    differ little, and make recompiles only what changed."""
+    folders = {mode: standalone_folder / f"seeded_{mode}" for mode in ("pre_build", "pre_run")}
+    for folder in folders.values():
+        (folder / "program").mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def seeded_oracle(seeded_folder):
+    """{mode: {seed: numbers}}, computed when a test first asks."""
+    cache = {}
+
+    def oracle(mode):
+        if mode not in cache:
+            cache[mode] = {}
+            for run_seed in sorted(set(SEEDS)):
+                done = subprocess.run(
+                    [sys.executable, __file__, "seeded-oracle", mode, str(run_seed),
+                     str(seeded_folder[mode])], capture_output=True, text=True, timeout=600,
+                    cwd=seeded_folder[mode])
+                assert done.returncode == 0, done.stderr[-3000:]
+                cache[mode][run_seed] = json.loads(done.stdout.strip().splitlines()[-1])
+        return cache[mode]
+
+    return oracle
+
+
+def seeded_scenario(folder, mode, hows, launch=(), scoop=("-n", "2")):
+    """What run_seeded_scenario returned, or None if its process failed; and its output.
+    ``launch`` comes before the command (e.g. ip netns exec), ``scoop``: SCOOP's options."""
+    command = [*launch, sys.executable,
+               *(["-m", "scoop", *scoop] if hows.startswith("scoop") else []),
+               __file__, "seeded", mode, hows, str(folder)]
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout, stderr = ended(process, 600)
+    lines = stdout.strip().splitlines()
+    # SCOOP exits with 0 also when the exploration failed: then no JSON line comes last.
+    done = process.returncode == 0 and lines and lines[-1].startswith("{")
+    return (json.loads(lines[-1]) if done else None), stdout + stderr
+
+
+def assert_seeded_as_by_hand(result, oracle):
+    for how, runs in enumerate(result["runs by"]):
+        runs = [{key: value for key, value in run.items() if key not in ("host", "process")}
+                for run in runs]
+        assert len(runs) == len(SEEDS), how
+        for index, (run, run_seed) in enumerate(zip(runs, SEEDS)):
+            assert run == oracle[run_seed], f"{how}: run {index} (seed {run_seed}) differs"
+        # The same seed gives the same numbers; another seed others, from each random source.
+        assert runs[0] == runs[1], how
+        for key in ("v", "kick", "synapse_j"):  # xi, rand() in run_regularly, connect(p=...)
+            assert runs[2][key] != runs[0][key], (how, key)
+    # Compiled once per exploration, by the main script, before the runs; the runs left nothing.
+    assert len(result["compiled on"]) == len(result["runs by"]), result["compiled on"]
+    assert all(result["program unchanged by the runs"])
+    assert result["compiles (the manager, a copy)"] == [[True, False]] * len(result["runs by"])
+    assert result["results left"] == []
+
+
+@pytest.mark.parametrize("mode", ["pre_build", "pre_run"])
+def test_standalone_seeds_every_run_as_plain_brian2_seeded_by_hand(seeded_folder, seeded_oracle,
+                                                                  mode):
+    """An exploration in one process, then one in two."""
+    result, output = seeded_scenario(seeded_folder[mode], mode, "1,2")
+    assert result is not None, output[-3000:]
+    assert_seeded_as_by_hand(result, seeded_oracle(mode))
+
+
+def test_standalone_under_scoop_the_workers_run_the_main_scripts_program(seeded_folder,
+                                                                         seeded_oracle):
+    """SCOOP gives the runs to pickled copies of the manager: a worker redoes pre_build and the
+    pre-run on the Python side, checks that the program in the folder is the one it records,
+    executes it once for the pre-run's analysers, and runs it. Two explorations in turn, as the
+    example's experiments: a worker that recorded the first records the second afresh."""
+    result, output = seeded_scenario(seeded_folder["pre_run"], "pre_run", "scoop,scoop")
+    assert result is not None, output[-3000:]
+    assert_seeded_as_by_hand(result, seeded_oracle("pre_run"))
+    for runs in result["runs by"]:  # a worker ran runs
+        assert {run["process"] for run in runs} - {result["main process"]}
+
+
+def test_standalone_under_scoop_a_pre_build_that_differs_between_processes_fails_the_runs(
+        seeded_folder):
+    """pre_build is compiled in: a copy's that seeds otherwise than the original's records
+    another program than the one in the folder, and its runs fail, naming the folder."""
+    folder = seeded_folder["pre_build"]
+    result, output = seeded_scenario(folder, "pre_build by process", "scoop")
+    assert result is None
+    assert (f"RuntimeError: The program in {folder / 'program'} is not the one this process "
+            f"records (main.cpp differs)") in output
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2539,11 +2807,14 @@ def cannot_make_hosts():
 
 class Hosts:
     """Two hosts on one machine: each a network namespace with its own host name (a UTS
-    namespace) and an sshd, joined by a veth pair; the test's key logs in as this user."""
+    namespace) and an sshd, joined by a veth pair; the test's key logs in as this user.
+    ``hidden``: a folder that the second host sees empty (a tmpfs over it, in a mount namespace
+    of its own), as a host without the shared file system would."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, hidden=None):
         tag = f"b2p{os.getpid() % 100000}"
         self.folder = folder
+        self.hidden = hidden
         self.namespaces = [f"{tag}a", f"{tag}b"]
         self.addresses = ["10.213.7.1", "10.213.7.2"]
         self.names = ["b2p-host-a", "b2p-host-b"]
@@ -2584,9 +2855,12 @@ class Hosts:
             self.run("ip", "-n", namespace, "link", "set", f"{namespace}v", "up")
             self.run("ip", "-n", namespace, "link", "set", "lo", "up")
         for namespace, name in zip(self.namespaces, self.names):
+            hide = ["--mount"] if self.hidden and name == self.names[1] else []
+            mount = f"mount -t tmpfs none {self.hidden} && " if hide else ""
             sshd = subprocess.Popen(
-                ["ip", "netns", "exec", namespace, "unshare", "--uts", "sh", "-c",
-                 f"hostname {name} && exec /usr/sbin/sshd -D -e -f {folder / 'sshd_config'}"],
+                ["ip", "netns", "exec", namespace, "unshare", "--uts", *hide, "sh", "-c",
+                 f"hostname {name} && {mount}"
+                 f"exec /usr/sbin/sshd -D -e -f {folder / 'sshd_config'}"],
                 stderr=subprocess.PIPE, text=True, start_new_session=True,
             )
             self.sshd.append(sshd)
@@ -2616,12 +2890,13 @@ class Hosts:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
-@pytest.fixture
-def two_hosts(tmp_path):
+@contextlib.contextmanager
+def hosts_started(folder, hidden=None):
+    """Hosts(folder, hidden), started, and stopped after the block; skips where it cannot."""
     reason = cannot_make_hosts()
     if reason:
         pytest.skip(reason)
-    hosts = Hosts(tmp_path)
+    hosts = Hosts(folder, hidden)
     try:
         try:
             hosts.start()
@@ -2632,6 +2907,12 @@ def two_hosts(tmp_path):
         yield hosts
     finally:
         hosts.stop()
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    with hosts_started(tmp_path) as hosts:
+        yield hosts
 
 
 def test_sweep_across_two_hosts_stores_the_same_numbers(reference_numbers, two_hosts, tmp_path):
@@ -2651,6 +2932,39 @@ def test_sweep_across_two_hosts_stores_the_same_numbers(reference_numbers, two_h
     ran_on = re.findall(r"^run \d+/\d+ done in \d+ s on (\S+):", done.stdout, re.MULTILINE)
     assert len(ran_on) >= len(R_TINY)
     assert two_hosts.names[1] in ran_on, ran_on  # at least one run on the second host
+
+
+def seeded_across_hosts(hosts, folder, tmp_path):
+    """run_seeded_scenario (after a pre-run) under SCOOP, launched on the first host, one worker
+    on each."""
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("".join(f"{address} 1\n" for address in hosts.addresses))
+    return seeded_scenario(folder["pre_run"], "pre_run", "scoop",
+                           launch=["ip", "netns", "exec", hosts.namespaces[0]],
+                           scoop=["--hostfile", str(hostfile), "-n", "2", "--tunnel",
+                                  "--ssh-executable", str(hosts.ssh)])
+
+
+def test_standalone_exploration_across_two_hosts_runs_the_one_program(
+        two_hosts, seeded_folder, seeded_oracle, tmp_path):
+    """One compile, by the main script; the second host's worker runs the program that it finds
+    in the shared folder, and every run gives the numbers of plain Brian2 (and so of one
+    process)."""
+    result, output = seeded_across_hosts(two_hosts, seeded_folder, tmp_path)
+    assert result is not None, output[-3000:]
+    assert_seeded_as_by_hand(result, seeded_oracle("pre_run"))
+    assert two_hosts.names[1] not in result["compiled on"]  # the main script's host compiled
+    assert two_hosts.names[1] in [run["host"] for run in result["runs by"][0]]
+
+
+def test_a_host_that_cannot_see_the_program_fails_its_run_naming_the_folder(seeded_folder,
+                                                                           tmp_path):
+    program = seeded_folder["pre_run"] / "program"
+    with hosts_started(tmp_path, hidden=program) as hosts:
+        result, output = seeded_across_hosts(hosts, seeded_folder, tmp_path)
+    assert result is None
+    assert (f"RuntimeError: The host {hosts.names[1]} cannot see the exploration's program in "
+            f"{program}: the folder holds no program compiled by brian2pet") in output
 
 
 # The example's science: spike-count correlations, the stimulus experiment on one pre-run network
@@ -3773,10 +4087,18 @@ if __name__ == "__main__":
     # The explorations that need processes of their own:
     #   python [-m scoop -n 2] test_brian2pet.py matrix MODE HOW FILE TARGET [resume] (run_matrix)
     #   python test_brian2pet.py standalone SCENARIO DEVICE NCORES FOLDER    (run_standalone_scenario)
+    #   python [-m scoop -n 2] test_brian2pet.py seeded MODE HOWS FOLDER     (run_seeded_scenario)
+    #   python test_brian2pet.py seeded-oracle MODE SEED FOLDER               (plain_seeded_run)
     if sys.argv[1] == "matrix":
         _, _, matrix_mode, matrix_how, matrix_file, matrix_target, *matrix_resume = sys.argv
         brian2.prefs.codegen.target = matrix_target
         run_matrix(matrix_file, matrix_mode, matrix_how, matrix_target, resume=bool(matrix_resume))
+    elif sys.argv[1] == "seeded":
+        _, _, seeded_mode, seeded_hows, seeded_in = sys.argv
+        print(json.dumps(run_seeded_scenario(seeded_mode, seeded_hows, seeded_in)))
+    elif sys.argv[1] == "seeded-oracle":
+        _, _, seeded_mode, seeded_with, seeded_in = sys.argv
+        print(json.dumps(plain_seeded_run(seeded_mode, int(seeded_with), seeded_in)))
     else:
         _, _, scenario, device, ncores, folder = sys.argv
         print(json.dumps(run_standalone_scenario(scenario, device, int(ncores), folder)))
