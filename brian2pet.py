@@ -2546,6 +2546,12 @@ class StandaloneNetworkManager(NetworkManager):
         run = _RunBuild(self, traj, brian_list, network_dict, first=False,
                         namespaces=program["namespaces"])
         first = program["first"]
+        # Where the user sees it: before anything compiles, pre_build or pre_run_network builds
+        # every run once more, the first one too; later, as the run itself.
+        step = "pre_run_network" if self._compiling_after_pre_run else "pre_build"
+        when = (f"in run {traj.v_idx}" if not check_reads
+                else f"when {step} built the first run again" if traj.v_idx == 0
+                else f"when {step} built run {traj.v_idx}")
         for name in run.reads:
             if check_reads and first.reads[name] - run.reads[name]:
                 raise _cannot_reach(first.reads[name] - run.reads[name],
@@ -2553,7 +2559,7 @@ class StandaloneNetworkManager(NetworkManager):
             if run.made[name]:
                 made = ", ".join(sorted(obj.name for obj in run.made[name]))
                 raise RuntimeError(
-                    f"{name}.build() made {made} in run {traj.v_idx}, though the program already "
+                    f"{name}.build() made {made} {when}, though the program already "
                     f"holds the first run's objects. On a standalone device make objects in "
                     f"build() only when they are missing from network_dict, e.g. if 'x' not in "
                     f"network_dict."
@@ -2568,14 +2574,14 @@ class StandaloneNetworkManager(NetworkManager):
                 times = [{0: "not at all", 1: "once"}.get(len(seeds), f"{len(seeds)} times")
                          for seeds in (run.seeds[name], first.seeds[name])]
                 raise RuntimeError(
-                    f"{name}.build() calls brian2.seed() {times[0]} in run {traj.v_idx} and "
+                    f"{name}.build() calls brian2.seed() {times[0]} {when} and "
                     f"{times[1]} in the first run, or at another point: the program seeds where "
                     f"the first run's build() did. Call it as often, and at the same point, in "
                     f"every run."
                 )
             what = sorted(set(run_steps) ^ set(first_steps))[0][0]
             raise RuntimeError(
-                f"{name}.build() sets {what} differently in run {traj.v_idx} than in the first "
+                f"{name}.build() sets {what} differently {when} than in the first "
                 f"run, but the program holds the first run's: only a whole variable set to a "
                 f"number or an array becomes a run value. Use a variable "
                 f"('x : 1 (shared, constant)') set in build() for what changes from run to run."

@@ -1912,15 +1912,19 @@ def test_standalone_gives_the_runtime_spikes_for_every_explored_value(standalone
                       r"to make objects: its value would be compiled into the program"),
     ("read in add_to_network", r"Explored parameter `parameters\.drive` is read by a subrun's "
                                r"add_to_network or remove_from_network"),
-    ("expression per run", r"FixedNetwork\.build\(\) sets fixed\.v differently in run 1"),
-    ("namespace per run", r"FixedNetwork\.build\(\) sets the namespace of fixed differently in run 1"),
+    ("expression per run", r"FixedNetwork\.build\(\) sets fixed\.v differently when pre_build "
+                           r"built run 1 than in the first run"),
+    ("namespace per run", r"FixedNetwork\.build\(\) sets the namespace of fixed differently when "
+                          r"pre_build built run 1"),
     ("seed in add_to_network", r"Explored parameter `parameters\.drive` is read by a subrun's "
                                r"add_to_network .* or as the seed that build\(\) gives brian2\.seed"),
-    ("seed in some runs", r"FixedNetwork\.build\(\) calls brian2\.seed\(\) once in run 1 and not at "
-                          r"all in the first run"),
+    ("seed in some runs", r"FixedNetwork\.build\(\) calls brian2\.seed\(\) once when pre_build "
+                          r"built run 1 and not at all in the first run"),
     ("seed out of range", r"FixedNetwork\.build\(\) calls brian2\.seed\(4294967296\): a seed is "
                           r"None or an integer from 0 to 2\*\*32 - 1"),
-    ("objects per run", r"FixedNetwork\.build\(\) made every_run in run 0"),
+    # The first run is built twice before anything compiles: named as the user sees it.
+    ("objects per run", r"FixedNetwork\.build\(\) made every_run when pre_build built the first "
+                        r"run again, though the program already holds the first run's objects"),
     ("value after an expression", r"fixed\.v is set to a value after an expression"),
 ])
 def test_standalone_refuses_what_cannot_reach_the_program_before_compiling(
