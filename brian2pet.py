@@ -822,20 +822,20 @@ class NetworkManager(HasLogger):
             self._start.restore()
         _set_random_state(self._random_state)
 
-        brian_list, network_dict = self.build(traj)
-        if self._start is None:
-            network = self._network_constructor(*brian_list)
-        else:
-            network = self._start.network
-            network.add(*[obj for obj in brian_list if obj not in self._start.members])
-        try:
-            with _collecting_only_the_runs_garbage():  # cost per run flat (section 7.7)
+        with _collecting_only_the_runs_garbage():  # cost per run flat (section 7.7)
+            brian_list, network_dict = self.build(traj)
+            if self._start is None:
+                network = self._network_constructor(*brian_list)
+            else:
+                network = self._start.network
+                network.add(*[obj for obj in brian_list if obj not in self._start.members])
+            try:
                 self.network_runner.execute_network_run(
                     traj, network, network_dict, self.components, self.analysers
                 )
-        finally:
-            if self._start is not None:
-                self._start.remove_run_additions()
+            finally:
+                if self._start is not None:
+                    self._start.remove_run_additions()
 
     _copy_redoes = None  # in a pickled copy: "pre_build" or "pre_run", to redo (section 7.3)
 
@@ -1150,7 +1150,23 @@ def stop_cleanly_on_signals():
 # After a kill, FILE is intact unless FILE.writing exists; then FILE goes back to the checkpoint, and
 # the runs stored after the checkpoint run again. prepare_resume does that, and brings pypet's resume
 # files in step with the file, before pypet's Environment.resume.
+#
+# The other cost that grows is pypet's layout: every run's results in a group of their own,
+# results.runs.run_00000042, all side by side. Every store opens the file, and PyTables, opening
+# results.runs, first lists all its children: a run cost 3 times more after 2,000 runs than at the
+# start, and ever more after. pypet's own remedy is its '$set' wildcard (results.runs.$set.$): sets
+# of 1,000 runs, results.runs.run_set_00000.run_00000042, for those who name their results so.
+# This service stores every run that way, whatever names the run gave: a group named after a run
+# (pypet's results.runs.run_00000042, or wherever a name held '$') goes into its set group in the
+# file, unless it is in one already, or the file holds it outside one (a file that pypet.brian2
+# began goes on as it began). The file then has exactly the layout of pypet's '$set', which pypet's
+# load_trajectory loads as it is (the loaded trajectory names the run's group
+# results.runs.run_set_00000.run_00000042, which pypet's shortcuts such as
+# traj.f_get('results.runs.run_00000042.x') and f_get_from_runs find; runs_table, section 7.7,
+# reads either layout). The trajectory in memory keeps the names pypet gave it.
 # ---------------------------------------------------------------------------------------------------
+
+from pypet.trajectory import make_set_name  # noqa: E402
 
 
 def _checkpoint_of(filename):
@@ -1196,6 +1212,8 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         last one, i.e. every (time of the last copy / checkpoint_share) seconds or less often;
       - creates FILE.writing for the time of the write.
     pypet's Environment calls ``finalize`` after its last store; the checkpoint is then removed.
+    A run's results go into pypet's run sets, results.runs.run_set_00000.run_00000042 (see the
+    comment above), so that a store costs as much after 20,000 runs as at the first.
     With pypet's resume files (resumable=True) pass delete_resume=False, and remove them with
     remove_resume_files once every run completed: pypet's own deletion comes before its final
     stores, and a kill in those would leave nothing to resume.
@@ -1276,6 +1294,113 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         state.pop("_in_store", None)
         return state
 
+    # Runs in sets (see above). pypet finds the HDF5 group of a node of the trajectory by following
+    # the node's names from the trajectory's group, in the four places overridden here: the walk
+    # that stores a node and its subtree (_tree_store_nodes_dfs); the walk along a dotted branch
+    # before it (_tree_store_sub_branch: the stores of a run, of a subtree, of a whole trajectory);
+    # the one that makes the groups above a single item (_all_create_or_get_groups: f_store_item);
+    # and the one to a link's target (_tree_store_link). Here each steps into a run's set through
+    # _file_parent. Relies on those four methods' signatures and on a trajectory node's _children
+    # and _links, the same in pypet 0.6.1 and 0.7.0. Loading is pypet's own.
+
+    def _file_parent(self, hdf5_group, name, create=True):
+        """The HDF5 group that holds (or will hold) the node ``name`` of the trajectory's group
+        stored as ``hdf5_group``: ``hdf5_group`` itself, or the run set for a run's group."""
+        set_name = _set_of_run(name, hdf5_group._v_name)
+        if set_name is None or name in hdf5_group:  # not a run's group, or one stored flat before
+            return hdf5_group
+        if set_name in hdf5_group:
+            return hdf5_group._f_get_child(set_name)
+        if not create:
+            return None
+        # as pypet makes the set group when a name holds '$set': no title, no attributes
+        return self._hdf5file.create_group(hdf5_group, set_name, filters=self._all_get_filters())
+
+    def _file_node(self, full_name):
+        """The HDF5 node of the trajectory's node ``full_name`` (e.g. 'results.runs'), or None."""
+        node = self._trajectory_group
+        for name in full_name.split(".") if full_name else ():
+            node = self._file_parent(node, name, create=False)
+            if node is None or name not in node:
+                return None
+            node = node._f_get_child(name)
+        return node
+
+    def _tree_store_nodes_dfs(self, parent_traj_node, name, store_data, with_links, recursive,
+                              max_depth, current_depth, parent_hdf5_group):
+        parent_hdf5_group = self._file_parent(parent_hdf5_group, name)
+        node = parent_traj_node._children[name]
+        if not recursive or name in parent_traj_node._links or node.v_is_leaf:
+            return super()._tree_store_nodes_dfs(parent_traj_node, name, store_data, with_links,
+                                                 recursive, max_depth, current_depth,
+                                                 parent_hdf5_group)
+        # pypet's own walk would reach a run's group below without stepping into its set: the
+        # group alone, then each child by this method.
+        super()._tree_store_nodes_dfs(parent_traj_node, name, store_data, with_links, False,
+                                      max_depth, current_depth, parent_hdf5_group)
+        if current_depth < (float("inf") if max_depth is None else max_depth):
+            hdf5_group = parent_hdf5_group._f_get_child(name)
+            for child in list(node._children):
+                self._tree_store_nodes_dfs(node, child, store_data, with_links, True, max_depth,
+                                           current_depth + 1, hdf5_group)
+
+    def _tree_store_sub_branch(self, traj_node, branch_name, store_data=pypetconstants.STORE_DATA,
+                               with_links=True, recursive=False, max_depth=None, hdf5_group=None):
+        if hdf5_group is None:
+            hdf5_group = self._file_node(traj_node.v_full_name)  # None: pypet stores the path
+        first, _, rest = branch_name.partition(".")
+        if hdf5_group is None or not rest:
+            return super()._tree_store_sub_branch(traj_node, branch_name, store_data, with_links,
+                                                  recursive, max_depth, hdf5_group)
+        # Along the branch, one group at a time, stepping into a run's set where pypet would not.
+        if store_data == pypetconstants.STORE_NOTHING or (max_depth is not None and max_depth < 1):
+            return
+        self._tree_store_nodes_dfs(traj_node, first, store_data, with_links, False, max_depth, 1,
+                                   hdf5_group)
+        self._tree_store_sub_branch(
+            traj_node._children[first], rest, store_data, with_links, recursive,
+            None if max_depth is None else max_depth - 1,
+            self._file_parent(hdf5_group, first)._f_get_child(first),
+        )
+
+    def _all_create_or_get_groups(self, key, start_hdf5_group=None):
+        group = self._trajectory_group if start_hdf5_group is None else start_hdf5_group
+        created = False
+        for name in key.split(".") if key else ():
+            group, created = self._all_create_or_get_group(name, self._file_parent(group, name))
+        return group, created
+
+    def _tree_store_link(self, node_in_traj, link, hdf5_group):
+        if link in hdf5_group:
+            return
+        target = node_in_traj._links[link]
+        target_node = self._file_node(target.v_full_name)
+        if target_node is None:  # not stored yet: the target first, as pypet does
+            self._tree_store_sub_branch(target.v_root, target.v_full_name,
+                                        store_data=pypetconstants.STORE_DATA_SKIPPING,
+                                        with_links=False, recursive=False,
+                                        hdf5_group=self._trajectory_group)
+            target_node = self._file_node(target.v_full_name)
+        self._hdf5file.create_soft_link(hdf5_group, link, target_node)
+
+
+def _run_index(name):
+    """The index of the run a group named ``name`` belongs to (pypet's run_00000042), or None."""
+    digits = name[len(pypetconstants.RUN_NAME):]
+    if name.startswith(pypetconstants.RUN_NAME) and digits.isdigit():
+        if pypetconstants.FORMATTED_RUN_NAME % int(digits) == name:
+            return int(digits)
+    return None
+
+
+def _set_of_run(name, parent_name):
+    """The name of the set group (run_set_00000) that a group ``name`` under a group
+    ``parent_name`` goes into, or None: not a run's group, or in a set already."""
+    idx = _run_index(name)
+    if idx is None or parent_name.startswith(pypetconstants.SET_NAME):
+        return None
+    return make_set_name(idx)
+
 
 def restore_checkpoint(filename):
     """If a kill cut a write to ``filename`` short, put the file back as it was at its last
@@ -1310,8 +1435,10 @@ def _refuse_if_cut_short(filename):
 def remove_from_file(filename, paths):
     """Remove the HDF5 groups or arrays ``paths`` (e.g. '/my_trajectory') from ``filename``, safe
     against a kill as CheckpointedHDF5StorageService's stores are: a checkpoint first if there is
-    none, the marker during the removal, signals held back. Returns the paths it removed (those the
-    file held); raises FileDamaged for a file that HDF5 cannot read."""
+    none, the marker during the removal, signals held back. A run's group may be named as pypet
+    names it in a run ('/t/results/runs/run_00000042'), also where the service put it into its set.
+    Returns the paths it removed (those the file held, as the file names them); raises FileDamaged
+    for a file that HDF5 cannot read."""
     import tables
 
     filename = os.path.abspath(filename)
@@ -1324,7 +1451,7 @@ def remove_from_file(filename, paths):
         open(_marker_of(filename), "wb").close()
         try:
             with pickles_refused(), tables.open_file(filename, "a") as h5:
-                removed = [path for path in paths if path in h5]
+                removed = [held for held in (_held_path(h5, path) for path in paths) if held]
                 for path in removed:
                     h5.remove_node(path, recursive=True)
         except (tables.HDF5ExtError, OSError) as error:
@@ -1334,6 +1461,21 @@ def remove_from_file(filename, paths):
         finally:
             os.remove(_marker_of(filename))  # only a kill leaves it
     return removed
+
+
+def _held_path(h5, path):
+    """``path`` as ``h5`` holds it, stepping into a run's set where the path names none; or None."""
+    if path in h5:
+        return path
+    held = ""
+    for name in path.strip("/").split("/"):
+        set_name = _set_of_run(name, held.rsplit("/", 1)[-1])
+        if f"{held}/{name}" not in h5 and set_name is not None:
+            held = f"{held}/{set_name}"
+        held = f"{held}/{name}"
+        if held not in h5:
+            return None
+    return held
 
 
 def remove_resume_files(resume_folder, trajectory_name):
@@ -1391,14 +1533,22 @@ def finished_runs(resume_folder, trajectory_name):
 
 def _groups_of_runs(h5, trajectory_name):
     """{run name: HDF5 paths of its groups}: pypet stores what a run adds under groups named after
-    the run (results.runs.run_00000002, or wherever a name holds pypet's run wildcard '$')."""
+    the run (results.runs.run_00000002, or wherever a name holds pypet's run wildcard '$'), which
+    this module's service puts into sets (results.runs.run_set_00000.run_00000002)."""
     found = {}
+
+    def look_in(group):
+        # By the names PyTables lists, opening no run's group: a resume of 20,000 runs opens only
+        # the groups around them.
+        for name in list(group._v_groups):
+            if _run_index(name) is not None:
+                found.setdefault(name, []).append(f"{group._v_pathname}/{name}")
+            else:
+                look_in(group._f_get_child(name))
+
     for branch in ("results", "derived_parameters"):
-        where = f"/{trajectory_name}/{branch}"
-        if where in h5:
-            for group in h5.walk_groups(where):
-                if group._v_name.startswith(pypetconstants.RUN_NAME):
-                    found.setdefault(group._v_name, []).append(group._v_pathname)
+        if f"/{trajectory_name}/{branch}" in h5:
+            look_in(h5.get_node(f"/{trajectory_name}/{branch}"))
     return found
 
 
@@ -1975,9 +2125,11 @@ def _fail_scoop_command():
 # Brian2 2.9 collects all of a process's garbage at the start of every Network.run (to warn of
 # objects that no network simulated; Brian2 2.11 only while that warning is on). A full collection
 # visits every object the process holds, pypet's trajectory among them: 137 of the 160 ms a run of
-# an empty network took. While a run's subruns run, what lived before the run is frozen (Python's
-# gc.freeze keeps it out of collections), so Brian2's collections visit what the run made; when the
-# run ends it is unfrozen, and collected as usual.
+# an empty network took. From the moment a run begins to build until its last analyser is done,
+# what lived before the run is frozen (Python's gc.freeze keeps it out of collections), so Brian2's
+# collections visit only what the run made, and collect the run's garbage as before (a weakref
+# callback of an object build() dropped still runs within the run); when the run ends, it is
+# unfrozen and collected as usual.
 # ---------------------------------------------------------------------------------------------------
 
 import gc  # noqa: E402

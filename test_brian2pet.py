@@ -3093,8 +3093,9 @@ def explored_numbers(out):
     traj = brian2pet.load_nodes(str(out / "explore.hdf5"), "explore", ("results.runs",))
     numbers = {}
     for idx, name in enumerate(traj.f_get_run_names()):
-        if traj.f_contains(f"results.runs.{name}.spikes", shortcuts=False):
-            run = traj.f_get(f"results.runs.{name}", shortcuts=False)
+        path = f"results.runs.{traj.f_wildcard('$set', idx)}.{name}"  # runs in sets (section 7.2)
+        if traj.f_contains(f"{path}.spikes", shortcuts=False):
+            run = traj.f_get(path, shortcuts=False)
             numbers[idx] = (np.asarray(run.spikes.t), np.asarray(run.spikes.i), np.asarray(run.v.v))
     return numbers
 
@@ -3345,10 +3346,10 @@ def coupled_spikes(filename, name, environment_options, extra=()):
 
 def spikes_of_runs(filename, name):
     traj = brian2pet.load_nodes(filename, name, ("results.runs",))
-    return [(np.asarray(traj.f_get(f"results.runs.{run}.spikes").t),
-             np.asarray(traj.f_get(f"results.runs.{run}.spikes").i))
-            for run in traj.f_get_run_names()
-            if traj.f_contains(f"results.runs.{run}.spikes", shortcuts=False)]
+    runs = [f"results.runs.{traj.f_wildcard('$set', idx)}.{run}"  # runs in sets (section 7.2)
+            for idx, run in enumerate(traj.f_get_run_names())]
+    return [(np.asarray(traj.f_get(f"{run}.spikes").t), np.asarray(traj.f_get(f"{run}.spikes").i))
+            for run in runs if traj.f_contains(f"{run}.spikes", shortcuts=False)]
 
 
 @pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt),
@@ -3362,7 +3363,8 @@ def test_a_run_a_signal_stops_is_never_stored_as_finished_and_resumes(tmp_path, 
         coupled_spikes(filename, "stopped", resumable, extra=[SignalInRun(signum, 1)])
     assert brian2pet.finished_runs(resume_folder, "stopped") == [0]
     with tables.open_file(filename) as h5:
-        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs")] == ["run_00000000"]
+        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs/run_set_00000")] == [
+            "run_00000000"]
 
     assert brian2pet.prepare_resume(filename, resume_folder, "stopped") == 2
     env = Environment(trajectory="stopped", filename=filename, log_config=None, log_stdout=False,
@@ -3391,7 +3393,8 @@ def test_a_sigterm_python_swallows_in_a_finalizer_still_keeps_its_run_from_being
     assert sys.unraisablehook is hook  # the block put the hook back
     assert brian2pet.finished_runs(resume_folder, "stopped") == [0]
     with tables.open_file(filename) as h5:
-        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs")] == ["run_00000000"]
+        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs/run_set_00000")] == [
+            "run_00000000"]
 
 
 # Forked workers
