@@ -25,7 +25,8 @@ Beyond the spec (a reader of sections 1-5 needs nothing from here):
                             moment cannot ruin (CheckpointedHDF5StorageService, prepare_resume);
                             forked workers that die with the sweep (ForkingEnvironment); files from
                             elsewhere loaded without running anything (load_nodes); SCOOP's exit
-                            status (run_command)
+                            status (run_command); many runs, each at a cost that does not grow,
+                            read back as one table (runs_table)
   7. Standalone devices     compile once, sweep many: StandaloneNetworkManager runs an exploration
                             on Brian2's cpp_standalone (or a device built on it), one compiled
                             program for all runs, each run one execution with its own values
@@ -104,6 +105,7 @@ __all__ = [
     "check_file",
     "load_nodes",
     "run_command",
+    "runs_table",
     # 7. Standalone devices (beyond the spec)
     "StandaloneNetworkManager",
 ]
@@ -973,7 +975,7 @@ def _malloc(size):
 #   7.4 Forked workers        ForkingEnvironment (pypet's Environment, multiproc without a pool)
 #   7.5 Files from elsewhere  load_nodes, check_file, pickles_refused, FileRefused
 #   7.6 SCOOP's exit status   run_command
-#   7.7 Many runs             a run's fixed cost flat however many came before
+#   7.7 Many runs             a run's fixed cost flat however many came before; runs_table
 #
 # Linux-only calls (prctl for workers, /proc for SCOOP) are used where they exist; elsewhere the
 # feature is skipped with a warning that says what is missing, and everything else works.
@@ -1303,24 +1305,30 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
     # _file_parent. Relies on those four methods' signatures and on a trajectory node's _children
     # and _links, the same in pypet 0.6.1 and 0.7.0. Loading is pypet's own.
 
-    def _file_parent(self, hdf5_group, name, create=True):
-        """The HDF5 group that holds (or will hold) the node ``name`` of the trajectory's group
-        stored as ``hdf5_group``: ``hdf5_group`` itself, or the run set for a run's group."""
+    def _file_parent(self, hdf5_group, name, make_set=None):
+        """The HDF5 group that holds the node ``name`` of the trajectory's group stored as
+        ``hdf5_group``: ``hdf5_group`` itself, or the run set for a run's group; None if that set
+        is missing and ``make_set`` (which makes it, as pypet would at that place) is not given."""
         set_name = _set_of_run(name, hdf5_group._v_name)
         if set_name is None or name in hdf5_group:  # not a run's group, or one stored flat before
             return hdf5_group
         if set_name in hdf5_group:
             return hdf5_group._f_get_child(set_name)
-        if not create:
-            return None
-        # as pypet makes the set group when a name holds '$set': no title, no attributes
-        return self._hdf5file.create_group(hdf5_group, set_name, filters=self._all_get_filters())
+        return None if make_set is None else make_set(set_name, hdf5_group)
+
+    def _new_group(self, name, hdf5_group):
+        # as pypet's walk makes a group: no title, no attributes
+        return self._hdf5file.create_group(hdf5_group, name, filters=self._all_get_filters())
+
+    def _titled_group(self, name, hdf5_group):
+        # as pypet makes the groups above a single item: titled with their name
+        return self._all_create_or_get_group(name, hdf5_group)[0]
 
     def _file_node(self, full_name):
         """The HDF5 node of the trajectory's node ``full_name`` (e.g. 'results.runs'), or None."""
         node = self._trajectory_group
         for name in full_name.split(".") if full_name else ():
-            node = self._file_parent(node, name, create=False)
+            node = self._file_parent(node, name)
             if node is None or name not in node:
                 return None
             node = node._f_get_child(name)
@@ -1328,7 +1336,7 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
 
     def _tree_store_nodes_dfs(self, parent_traj_node, name, store_data, with_links, recursive,
                               max_depth, current_depth, parent_hdf5_group):
-        parent_hdf5_group = self._file_parent(parent_hdf5_group, name)
+        parent_hdf5_group = self._file_parent(parent_hdf5_group, name, self._new_group)
         node = parent_traj_node._children[name]
         if not recursive or name in parent_traj_node._links or node.v_is_leaf:
             return super()._tree_store_nodes_dfs(parent_traj_node, name, store_data, with_links,
@@ -1367,7 +1375,8 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         group = self._trajectory_group if start_hdf5_group is None else start_hdf5_group
         created = False
         for name in key.split(".") if key else ():
-            group, created = self._all_create_or_get_group(name, self._file_parent(group, name))
+            parent = self._file_parent(group, name, self._titled_group)
+            group, created = self._all_create_or_get_group(name, parent)
         return group, created
 
     def _tree_store_link(self, node_in_traj, link, hdf5_group):
@@ -2120,7 +2129,7 @@ def _fail_scoop_command():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7.7 Many runs: a run's fixed cost flat however many runs came before
+# 7.7 Many runs: a run's fixed cost flat however many runs came before, and all runs as one table
 #
 # Brian2 2.9 collects all of a process's garbage at the start of every Network.run (to warn of
 # objects that no network simulated; Brian2 2.11 only while that warning is on). A full collection
@@ -2134,6 +2143,8 @@ def _fail_scoop_command():
 
 import gc  # noqa: E402
 
+from brian2.units.fundamentalunits import get_unit  # noqa: E402
+
 
 @contextlib.contextmanager
 def _collecting_only_the_runs_garbage():
@@ -2145,6 +2156,252 @@ def _collecting_only_the_runs_garbage():
         yield
     finally:
         gc.unfreeze()
+
+
+# Runs as one table. pypet loads a run's results as a tree of Python objects, one container at a
+# time: for 10,000 runs of three results each that takes minutes (and its own loading of a file
+# from elsewhere would unpickle). runs_table reads the HDF5 nodes itself, with PyTables, where
+# pypet's layout puts them (section 2's layout comment; pypet 0.6.1 and 0.7.0 write the same):
+#   TRAJ/overview/runs            a table with a row per run: its index and name
+#   TRAJ/overview/explorations    the names of the explored parameters
+#   TRAJ/parameters/A/B           a parameter: its explored values in the table explored_data
+#                                 (pypet) or explored_data__brn2__ (Brian2Parameter), whose unit is
+#                                 in data__brn2__
+#   TRAJ/results/runs/[run_set_00000/]run_00000042/NAME   a run's result: a group whose leaves are
+#                                 its items (NAME__brn2__value and NAME__brn2__unit for a Quantity)
+# A node's attributes say what it holds: SRVC_INIT_CLASS_NAME its class, SRVC_STORE how an item is
+# stored, SRVC_DATA_COLL_TYPE and SRVC_DATA_SCALAR_TYPE (SRVC_COLUMN_<column>_... in a table)
+# whether it was a scalar, list or array, and of which Python type. Every node read is checked as
+# check_file checks it (section 7.5), inside pickles_refused; unit text is parsed (section 1).
+
+_BRIAN2_VALUE, _BRIAN2_UNIT = "__brn2__value", "__brn2__unit"  # section 2's item names
+_STORED_COLUMN = "stored"
+
+
+def runs_table(filename, trajectory_name, results=()):
+    """The runs of exploration ``trajectory_name`` in ``filename`` as a pandas DataFrame: one row
+    per run, indexed by the run's index (named 'run'), with
+
+      - a column per explored parameter, labelled with its name without 'parameters.' ('model.tau');
+      - a column per item of each result named in ``results``, names relative to a run's group
+        (results=('statistics.rates', 'count') reads results.runs.run_00000042.statistics.rates
+        and ...count). A result whose one item is named as the result (pypet's
+        f_add_result('count', 7)) gives one column labelled with the name as given; any other
+        item gives 'NAME.ITEM' ('statistics.rates.e');
+      - 'stored': whether the run stored at least one of the named results. A run that stored
+        none (it failed, was cancelled, never ran) keeps its row, with NaN or None for its results.
+
+    A Brian2 quantity's label ends with its unit in SI, as Brian2's get_unit writes it, and its
+    cells hold the numbers in that unit, as stored: 'model.tau (s)', 'statistics.rates.e (Hz)'.
+    Arrays, lists and a table's columns go into cells as they are. Reads files written by brian2pet
+    (runs in pypet's run sets) and by pypet or pypet.brian2 (runs side by side), and never unpickles
+    or evaluates anything: every node it reads is checked as check_file checks it. Raises
+    FileRefused in one line naming the file and the node for a file that fails the check, and
+    ValueError for a name in ``results`` that names a group of results rather than one.
+    """
+    import pandas
+    import tables
+
+    names = list(dict.fromkeys([results] if isinstance(results, str) else results))
+    check_file(filename, [trajectory_name], nodes=())  # missing, not HDF5, damaged, no trajectory
+    try:
+        with pickles_refused(), tables.open_file(filename, "r") as h5:
+            reader = _RunsReader(h5, filename, trajectory_name)
+            overview = h5.get_node(f"/{trajectory_name}/overview")
+            run_names = [name.decode() for name in overview.runs.col("name")]
+            columns = [reader.explored_values(name, len(run_names))
+                       for name in _explored_names(overview)]
+            run_groups = reader.run_groups()
+            stored, found = reader.results([run_groups.get(run) for run in run_names], names)
+    except (tables.HDF5ExtError, OSError) as error:
+        raise FileRefused(
+            f"{filename}: damaged, HDF5 cannot read it: {_hdf5_reason(error)}"
+        ) from None
+    columns = [(_STORED_COLUMN, stored), *columns, *found]
+    labels = [label for label, _ in columns]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"Two columns of {filename}'s table would be labelled alike: {labels}")
+    return pandas.DataFrame({label: _without_missing(cells) for label, cells in columns},
+                            index=pandas.RangeIndex(len(run_names), name="run"))
+
+
+_MISSING = object()  # a run without the result, until the cells go into the table
+
+
+def _without_missing(cells):
+    """The cells of a column as pandas takes them: NaN for a missing number, None for others."""
+    if isinstance(cells, np.ndarray):
+        return cells
+    numbers = (bool, int, float, np.number, np.bool_)
+    if all(cell is _MISSING or isinstance(cell, numbers) for cell in cells):
+        return [np.nan if cell is _MISSING else cell for cell in cells]
+    return [None if cell is _MISSING else cell for cell in cells]
+
+
+def _explored_names(overview):
+    if "explorations" not in overview:  # older pypet files: no explored parameter to show
+        return []
+    return [name.decode() for name in overview.explorations.col("explorations")]
+
+
+class _RunsReader:
+    """Reads the nodes of one trajectory for runs_table, each checked as check_file checks it."""
+
+    def __init__(self, h5, filename, trajectory_name):
+        self.h5, self.filename, self.trajectory_name = h5, filename, trajectory_name
+        self.unit_labels = {}  # unit text: its label
+
+    def checked(self, node):
+        """``node``, unless check_file would refuse it: then FileRefused, as check_file words it."""
+        problem = _unsafe_node(node)
+        if problem:
+            # An item of a container is reported by the container's name.
+            named = node._v_parent if "SRVC_LEAF" in node._v_parent._v_attrs else node
+            where = named._v_pathname[len(self.trajectory_name) + 2:].replace("/", ".")
+            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{where}: {problem}; "
+                              f"refused (it could run code)")
+        return node
+
+    def child(self, group, name):
+        """The checked node ``name`` of ``group``, or None."""
+        return self.checked(group._f_get_child(name)) if name in group else None
+
+    def run_groups(self):
+        """{run name: its group}, in the run sets or side by side under results.runs."""
+        where = f"/{self.trajectory_name}/results/runs"
+        found = {}
+        if where in self.h5:
+            runs = self.checked(self.h5.get_node(where))
+            for name in list(runs._v_groups):
+                if _run_index(name) is not None:
+                    found[name] = (runs, name)
+                elif name.startswith(pypetconstants.SET_NAME):
+                    run_set = self.checked(runs._f_get_child(name))
+                    found.update((run, (run_set, run)) for run in run_set._v_groups)
+        return found
+
+    def explored_values(self, full_name, n_runs):
+        """(label, the explored values of parameter ``full_name``, one per run)."""
+        group = self.checked(self.h5.get_node(f"/{self.trajectory_name}/" +
+                                              full_name.replace(".", "/")))
+        label = full_name.split(".", 1)[1] if full_name.startswith("parameters.") else full_name
+        brian2 = self.child(group, "explored_data__brn2__")
+        table = brian2 if brian2 is not None else self.child(group, "explored_data")
+        if table is None:
+            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{full_name}: explored, "
+                              f"but holds no explored values")
+        column = table.colnames[0]
+        values = _native(table.col(column), table, f"SRVC_COLUMN_{column}_", many=True)
+        if brian2 is not None and "data__brn2__" in group:
+            data = self.child(group, "data__brn2__")
+            label = self.labelled(label, data.col("unit")[0].decode(), data)
+        if len(values) != n_runs:
+            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{full_name}: "
+                              f"{len(values)} explored values for {n_runs} runs")
+        return label, values
+
+    def results(self, run_places, names):
+        """Whether each run stored any of the results ``names``, and [(label, one cell per run)]
+        (``run_places``: each run's (group, name) in the file, or None). A cell is _MISSING where
+        a run has no such result; a name that no run has gets one column, all _MISSING."""
+        stored = np.zeros(len(run_places), dtype=bool)
+        columns = {name: {} for name in names}
+        for idx, place in enumerate(run_places):
+            run = None if place is None else self.child(*place)
+            for name in names:
+                result = None if run is None else self.result_group(run, name)
+                if result is None:
+                    continue
+                stored[idx] = True
+                for item, (value, unit, node) in self.items(result).items():
+                    label = name if item == name.rsplit(".", 1)[-1] else f"{name}.{item}"
+                    if unit is not None:
+                        label = self.labelled(label, unit, node)
+                    columns[name].setdefault(label, [_MISSING] * len(run_places))[idx] = value
+        found = []
+        for name in names:
+            found.extend(columns[name].items() or [(name, [_MISSING] * len(run_places))])
+        return stored, found
+
+    def result_group(self, run, name):
+        """The checked group of result ``name`` (dotted) in the group of a ``run``, or None."""
+        group = run
+        for part in name.split("."):
+            group = self.child(group, part)
+            if group is None:
+                return None
+        if "SRVC_LEAF" not in group._v_attrs:
+            examples = ", ".join(f"'{name}.{child}'" for child in sorted(group._v_children)[:2])
+            raise ValueError(f"{self.filename}: {group._v_pathname} is a group of results, not a "
+                             f"result; name the results in it ({examples}, ...)")
+        return group
+
+    def items(self, result):
+        """{item name: (value, unit text or None, its node)} of a result's group, by name."""
+        found = {}
+        for leaf_name in sorted(result._v_children):  # groups and links too: the check refuses them
+            leaf = self.child(result, leaf_name)
+            if leaf_name.endswith(_BRIAN2_UNIT):
+                continue  # read with its value
+            if leaf_name.endswith(_BRIAN2_VALUE):
+                item = leaf_name[:-len(_BRIAN2_VALUE)]
+                unit = self.child(result, item + _BRIAN2_UNIT)
+                found[item] = (_read_item(leaf), unit and _read_item(unit), unit)
+            else:
+                found[leaf_name] = (_read_item(leaf), None, leaf)
+        return found
+
+    def labelled(self, label, unit_text, node):
+        """``label`` with the SI unit of ``unit_text`` (read from ``node``) in brackets, or none
+        for a plain number."""
+        if unit_text not in self.unit_labels:
+            try:
+                dimensions = get_dimensions(unit_from_expression(unit_text))
+            except (TypeError, ValueError) as error:
+                where = node._v_pathname[len(self.trajectory_name) + 2:].replace("/", ".")
+                raise FileRefused(f"{self.filename}: {self.trajectory_name}.{where}: {error}"
+                                  ) from None
+            self.unit_labels[unit_text] = (
+                "" if dimensions is DIMENSIONLESS else f" ({get_unit(dimensions)})"
+            )
+        return label + self.unit_labels[unit_text]
+
+
+def _read_item(leaf):
+    """The value of an item of a result, as pypet stored it (leaves that pypet reads through pandas
+    or pickle were refused by the check)."""
+    if hasattr(leaf, "colnames"):  # a PyTables Table
+        table = leaf.read()
+        columns = {column: _native(table[column], leaf, f"SRVC_COLUMN_{column}_", many=True)
+                   for column in table.dtype.names}
+        if str(getattr(leaf._v_attrs, "SRVC_STORE", "")) == "DICT":  # a dict: one row
+            return {column: values[0] for column, values in columns.items()}
+        return columns
+    return _native(leaf.read(), leaf, "SRVC_DATA_")
+
+
+def _native(data, node, prefix, many=False):
+    """``data`` read from ``node`` as the Python type that pypet stored it from (its attributes
+    PREFIX COLL_TYPE and SCALAR_TYPE): text comes back as str, a scalar as a scalar, a list as a
+    list. ``many``: a table's column, one value per row."""
+    if many:
+        return [_native(value, node, prefix) for value in data]
+    attributes = node._v_attrs
+    collection = str(getattr(attributes, prefix + "COLL_TYPE", ""))
+    type_name = str(getattr(attributes, prefix + "SCALAR_TYPE", ""))
+    as_type = str if type_name == "str" else pypetconstants.PARAMETERTYPEDICT.get(type_name)
+    if collection == "COLL_SCALAR":
+        return _as_type(data.item() if isinstance(data, np.ndarray) else data, as_type)
+    if collection in ("COLL_LIST", "COLL_TUPLE"):
+        items = [_as_type(item, as_type) for item in data]
+        return items if collection == "COLL_LIST" else tuple(items)
+    return data
+
+
+def _as_type(value, as_type):
+    if isinstance(value, bytes) and as_type is str:
+        return value.decode()
+    return value if as_type is None or as_type is str else as_type(value)
 
 
 # ---------------------------------------------------------------------------------------------------
