@@ -2264,7 +2264,8 @@ class _RunsReader:
 
     def child(self, group, name):
         """The checked node ``name`` of ``group``, or None."""
-        return self.checked(group._f_get_child(name)) if name in group else None
+        # By the names PyTables listed when it opened the group: `name in group` would ask HDF5.
+        return self.checked(self.h5.get_node(group, name)) if name in group._v_children else None
 
     def run_groups(self):
         """{run name: its group}, in the run sets or side by side under results.runs."""
@@ -2276,7 +2277,7 @@ class _RunsReader:
                 if _run_index(name) is not None:
                     found[name] = (runs, name)
                 elif name.startswith(pypetconstants.SET_NAME):
-                    run_set = self.checked(runs._f_get_child(name))
+                    run_set = self.child(runs, name)
                     found.update((run, (run_set, run)) for run in run_set._v_groups)
         return found
 

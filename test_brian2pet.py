@@ -2227,6 +2227,7 @@ def crafted_sweep(reference, tmp_path, add, marker):
 # 6 below); here the example's --replot, which loads with it, on one of them.
 def test_replot_refuses_pickled_content_and_runs_nothing(reference, tmp_path):
     add, node = CRAFTED["pickled attribute in a run"]
+    node = node.replace(".run_", ".run_set_00000.run_")  # the example's runs are in sets (7.2)
     marker = tmp_path / "payload-ran"
     filename = crafted_sweep(reference, tmp_path, add, marker)
 
@@ -2848,8 +2849,12 @@ def runs_held(filename, name):
         return set()
     with tables.open_file(filename) as h5:
         where = f"/{name}/results/runs"
-        return {int(group._v_name.split("_")[1]) for group in h5.iter_nodes(where)} if (
-            where in h5) else set()
+        if where not in h5:
+            return set()
+        groups = list(h5.iter_nodes(where))  # run sets (section 7.2), or runs side by side
+        runs = [run for group in groups for run in (
+            h5.iter_nodes(group) if group._v_name.startswith("run_set_") else [group])]
+        return {int(run._v_name.split("_")[1]) for run in runs}
 
 
 def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=False):
