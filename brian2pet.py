@@ -29,7 +29,8 @@ and 7.7 at one place each, said where):
                             pickled copies of a manager (SCOOP, resume); forked workers that die
                             with the sweep (ForkingEnvironment); files from elsewhere loaded
                             without running anything (load_nodes); SCOOP's exit status
-                            (run_command); a run's fixed cost flat over many runs
+                            (run_command); many runs, each at a cost that does not grow, read
+                            back as one table (runs_table)
   8. Standalone devices     compile once, sweep many: StandaloneNetworkManager runs an exploration
                             on Brian2's cpp_standalone (or a device built on it), one compiled
                             program for all runs, each run one execution with its own values
@@ -111,6 +112,7 @@ __all__ = [
     "check_file",
     "load_nodes",
     "run_command",
+    "runs_table",
     # 8. Standalone devices (beyond the spec)
     "StandaloneNetworkManager",
 ]
@@ -793,6 +795,10 @@ class NetworkManager(HasLogger):
             self._start.restore()
         _set_random_state(self._random_state)
 
+        with _collecting_only_the_runs_garbage():  # cost per run flat (section 7.7)
+            self._build_and_simulate(traj)
+
+    def _build_and_simulate(self, traj):
         brian_list, network_dict = self.build(traj)
         if self._start is None:
             network = self._network_constructor(*brian_list)
@@ -800,9 +806,8 @@ class NetworkManager(HasLogger):
             network = self._start.network
             network.add(*[obj for obj in brian_list if obj not in self._start.members])
         try:
-            with _collecting_only_the_runs_garbage():  # cost per run flat (section 7.7)
-                self.network_runner.execute_network_run(traj, network, network_dict,
-                                                        self.components, self.analysers)
+            self.network_runner.execute_network_run(traj, network, network_dict,
+                                                    self.components, self.analysers)
         finally:
             if self._start is not None:
                 self._start.remove_run_additions()
@@ -943,7 +948,7 @@ def _malloc(size):
 #   7.4 Forked workers        ForkingEnvironment (pypet's Environment, multiproc without a pool)
 #   7.5 Files from elsewhere  load_nodes, check_file, pickles_refused, FileRefused
 #   7.6 SCOOP's exit status   run_command
-#   7.7 Many runs             a run's fixed cost flat however many came before
+#   7.7 Many runs             a run's fixed cost flat however many came before; runs_table
 #
 # Linux-only calls (prctl for workers, /proc for SCOOP) are used where they exist; elsewhere the
 # feature is skipped with a warning that says what is missing, and everything else works.
@@ -1120,7 +1125,23 @@ def stop_cleanly_on_signals():
 # After a kill, FILE is intact unless FILE.writing exists; then FILE goes back to the checkpoint, and
 # the runs stored after the checkpoint run again. prepare_resume does that, and brings pypet's resume
 # files in step with the file, before pypet's Environment.resume.
+#
+# The other cost that grows is pypet's layout: every run's results in a group of their own,
+# results.runs.run_00000042, all side by side. Every store opens the file, and PyTables, opening
+# results.runs, first lists all its children: a run cost 3 times more after 2,000 runs than at the
+# start, and ever more after. pypet's own remedy is its '$set' wildcard (results.runs.$set.$): sets
+# of 1,000 runs, results.runs.run_set_00000.run_00000042, for those who name their results so.
+# This service stores every run that way, whatever names the run gave: a group named after a run
+# (pypet's results.runs.run_00000042, or wherever a name held '$') goes into its set group in the
+# file, unless it is in one already, or the file holds it outside one (a file that pypet.brian2
+# began goes on as it began). The file then has exactly the layout of pypet's '$set', which pypet's
+# load_trajectory loads as it is (the loaded trajectory names the run's group
+# results.runs.run_set_00000.run_00000042, which pypet's shortcuts such as
+# traj.f_get('results.runs.run_00000042.x') and f_get_from_runs find; runs_table, section 7.7,
+# reads either layout). The trajectory in memory keeps the names pypet gave it.
 # ---------------------------------------------------------------------------------------------------
+
+from pypet.trajectory import make_set_name  # noqa: E402
 
 
 def _checkpoint_of(filename):
@@ -1166,6 +1187,8 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         last one, i.e. every (time of the last copy / checkpoint_share) seconds or less often;
       - creates FILE.writing for the time of the write.
     pypet's Environment calls ``finalize`` after its last store; the checkpoint is then removed.
+    A run's results go into pypet's run sets, results.runs.run_set_00000.run_00000042 (see the
+    comment above), so that what a store costs does not grow with the runs stored before it.
     With pypet's resume files (resumable=True) pass delete_resume=False, and remove them with
     remove_resume_files once every run completed: pypet's own deletion comes before its final
     stores, and a kill in those would leave nothing to resume.
@@ -1256,6 +1279,120 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         state.pop("_in_store", None)
         return state
 
+    # Runs in sets (see above). pypet finds the HDF5 group of a node of the trajectory by following
+    # the node's names from the trajectory's group, in the four places overridden here: the walk
+    # that stores a node and its subtree (_tree_store_nodes_dfs); the walk along a dotted branch
+    # before it (_tree_store_sub_branch: the stores of a run, of a subtree, of a whole trajectory);
+    # the one that makes the groups above a single item (_all_create_or_get_groups: f_store_item);
+    # and the one to a link's target (_tree_store_link). Here each steps into a run's set through
+    # _file_parent. Relies on those four methods' signatures and on a trajectory node's _children
+    # and _links, the same in pypet 0.6.1 and 0.7.0. Loading is pypet's own.
+
+    def _file_parent(self, hdf5_group, name, make_set=None):
+        """The HDF5 group that holds the node ``name`` of the trajectory's group stored as
+        ``hdf5_group``: ``hdf5_group`` itself, or the run set for a run's group; None if that set
+        is missing and ``make_set`` (which makes it, as pypet would at that place) is not given."""
+        set_name = _set_of_run(name, hdf5_group._v_name)
+        if set_name is None or name in hdf5_group:  # not a run's group, or one stored flat before
+            return hdf5_group
+        if set_name in hdf5_group:
+            return hdf5_group._f_get_child(set_name)
+        return None if make_set is None else make_set(set_name, hdf5_group)
+
+    def _new_group(self, name, hdf5_group):
+        # as pypet's walk makes a group: no title, no attributes
+        return self._hdf5file.create_group(hdf5_group, name, filters=self._all_get_filters())
+
+    def _titled_group(self, name, hdf5_group):
+        # as pypet makes the groups above a single item: titled with their name
+        return self._all_create_or_get_group(name, hdf5_group)[0]
+
+    def _file_node(self, full_name):
+        """The HDF5 node of the trajectory's node ``full_name`` (e.g. 'results.runs'), or None."""
+        node = self._trajectory_group
+        for name in full_name.split(".") if full_name else ():
+            node = self._file_parent(node, name)
+            if node is None or name not in node:
+                return None
+            node = node._f_get_child(name)
+        return node
+
+    def _tree_store_nodes_dfs(self, parent_traj_node, name, store_data, with_links, recursive,
+                              max_depth, current_depth, parent_hdf5_group):
+        parent_hdf5_group = self._file_parent(parent_hdf5_group, name, self._new_group)
+        node = parent_traj_node._children[name]
+        if not recursive or name in parent_traj_node._links or node.v_is_leaf:
+            return super()._tree_store_nodes_dfs(parent_traj_node, name, store_data, with_links,
+                                                 recursive, max_depth, current_depth,
+                                                 parent_hdf5_group)
+        # pypet's own walk would reach a run's group below without stepping into its set: the
+        # group alone, then each child by this method.
+        super()._tree_store_nodes_dfs(parent_traj_node, name, store_data, with_links, False,
+                                      max_depth, current_depth, parent_hdf5_group)
+        if current_depth < (float("inf") if max_depth is None else max_depth):
+            hdf5_group = parent_hdf5_group._f_get_child(name)
+            for child in list(node._children):
+                self._tree_store_nodes_dfs(node, child, store_data, with_links, True, max_depth,
+                                           current_depth + 1, hdf5_group)
+
+    def _tree_store_sub_branch(self, traj_node, branch_name, store_data=pypetconstants.STORE_DATA,
+                               with_links=True, recursive=False, max_depth=None, hdf5_group=None):
+        if hdf5_group is None:
+            hdf5_group = self._file_node(traj_node.v_full_name)  # None: pypet stores the path
+        first, _, rest = branch_name.partition(".")
+        if hdf5_group is None or not rest:
+            return super()._tree_store_sub_branch(traj_node, branch_name, store_data, with_links,
+                                                  recursive, max_depth, hdf5_group)
+        # Along the branch, one group at a time, stepping into a run's set where pypet would not.
+        if store_data == pypetconstants.STORE_NOTHING or (max_depth is not None and max_depth < 1):
+            return
+        self._tree_store_nodes_dfs(traj_node, first, store_data, with_links, False, max_depth, 1,
+                                   hdf5_group)
+        self._tree_store_sub_branch(
+            traj_node._children[first], rest, store_data, with_links, recursive,
+            None if max_depth is None else max_depth - 1,
+            self._file_parent(hdf5_group, first)._f_get_child(first),
+        )
+
+    def _all_create_or_get_groups(self, key, start_hdf5_group=None):
+        group = self._trajectory_group if start_hdf5_group is None else start_hdf5_group
+        created = False
+        for name in key.split(".") if key else ():
+            parent = self._file_parent(group, name, self._titled_group)
+            group, created = self._all_create_or_get_group(name, parent)
+        return group, created
+
+    def _tree_store_link(self, node_in_traj, link, hdf5_group):
+        if link in hdf5_group:
+            return
+        target = node_in_traj._links[link]
+        target_node = self._file_node(target.v_full_name)
+        if target_node is None:  # not stored yet: the target first, as pypet does
+            self._tree_store_sub_branch(target.v_root, target.v_full_name,
+                                        store_data=pypetconstants.STORE_DATA_SKIPPING,
+                                        with_links=False, recursive=False,
+                                        hdf5_group=self._trajectory_group)
+            target_node = self._file_node(target.v_full_name)
+        self._hdf5file.create_soft_link(hdf5_group, link, target_node)
+
+
+def _run_index(name):
+    """The index of the run a group named ``name`` belongs to (pypet's run_00000042), or None."""
+    digits = name[len(pypetconstants.RUN_NAME):]
+    if name.startswith(pypetconstants.RUN_NAME) and digits.isdigit():
+        if pypetconstants.FORMATTED_RUN_NAME % int(digits) == name:
+            return int(digits)
+    return None
+
+
+def _set_of_run(name, parent_name):
+    """The name of the set group (run_set_00000) that a group ``name`` under a group
+    ``parent_name`` goes into, or None: not a run's group, or in a set already."""
+    idx = _run_index(name)
+    if idx is None or parent_name.startswith(pypetconstants.SET_NAME):
+        return None
+    return make_set_name(idx)
+
 
 def restore_checkpoint(filename):
     """If a kill cut a write to ``filename`` short, put the file back as it was at its last
@@ -1290,8 +1427,10 @@ def _refuse_if_cut_short(filename):
 def remove_from_file(filename, paths):
     """Remove the HDF5 groups or arrays ``paths`` (e.g. '/my_trajectory') from ``filename``, safe
     against a kill as CheckpointedHDF5StorageService's stores are: a checkpoint first if there is
-    none, the marker during the removal, signals held back. Returns the paths it removed (those the
-    file held); raises FileDamaged for a file that HDF5 cannot read."""
+    none, the marker during the removal, signals held back. A run's group may be named as pypet
+    names it in a run ('/t/results/runs/run_00000042'), also where the service put it into its set.
+    Returns the paths it removed (those the file held, as the file names them); raises FileDamaged
+    for a file that HDF5 cannot read."""
     import tables
 
     filename = os.path.abspath(filename)
@@ -1304,7 +1443,7 @@ def remove_from_file(filename, paths):
         open(_marker_of(filename), "wb").close()
         try:
             with pickles_refused(), tables.open_file(filename, "a") as h5:
-                removed = [path for path in paths if path in h5]
+                removed = [held for held in (_held_path(h5, path) for path in paths) if held]
                 for path in removed:
                     h5.remove_node(path, recursive=True)
         except (tables.HDF5ExtError, OSError) as error:
@@ -1314,6 +1453,21 @@ def remove_from_file(filename, paths):
         finally:
             os.remove(_marker_of(filename))  # only a kill leaves it
     return removed
+
+
+def _held_path(h5, path):
+    """``path`` as ``h5`` holds it, stepping into a run's set where the path names none; or None."""
+    if path in h5:
+        return path
+    held = ""
+    for name in path.strip("/").split("/"):
+        set_name = _set_of_run(name, held.rsplit("/", 1)[-1])
+        if f"{held}/{name}" not in h5 and set_name is not None:
+            held = f"{held}/{set_name}"
+        held = f"{held}/{name}"
+        if held not in h5:
+            return None
+    return held
 
 
 def remove_resume_files(resume_folder, trajectory_name):
@@ -1371,14 +1525,22 @@ def finished_runs(resume_folder, trajectory_name):
 
 def _groups_of_runs(h5, trajectory_name):
     """{run name: HDF5 paths of its groups}: pypet stores what a run adds under groups named after
-    the run (results.runs.run_00000002, or wherever a name holds pypet's run wildcard '$')."""
+    the run (results.runs.run_00000002, or wherever a name holds pypet's run wildcard '$'), which
+    this module's service puts into sets (results.runs.run_set_00000.run_00000002)."""
     found = {}
+
+    def look_in(group):
+        # By the names PyTables lists, opening no run's group: a resume of 20,000 runs opens only
+        # the groups around them.
+        for name in list(group._v_groups):
+            if _run_index(name) is not None:
+                found.setdefault(name, []).append(f"{group._v_pathname}/{name}")
+            else:
+                look_in(group._f_get_child(name))
+
     for branch in ("results", "derived_parameters"):
-        where = f"/{trajectory_name}/{branch}"
-        if where in h5:
-            for group in h5.walk_groups(where):
-                if group._v_name.startswith(pypetconstants.RUN_NAME):
-                    found.setdefault(group._v_name, []).append(group._v_pathname)
+        if f"/{trajectory_name}/{branch}" in h5:
+            look_in(h5.get_node(f"/{trajectory_name}/{branch}"))
     return found
 
 
@@ -1959,17 +2121,27 @@ def _fail_scoop_command():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7.7 Many runs: a run's fixed cost flat however many runs came before
+# 7.7 Many runs: a run's fixed cost flat however many runs came before, and all runs as one table
 #
 # Brian2 2.9 collects all of a process's garbage at the start of every Network.run (to warn of
 # objects that no network simulated; Brian2 2.11 only while that warning is on). A full collection
 # visits every object the process holds, pypet's trajectory among them: 137 of the 160 ms a run of
-# an empty network took. While a run's subruns run, what lived before the run is frozen (Python's
-# gc.freeze keeps it out of collections), so Brian2's collections visit what the run made; when the
-# run ends it is unfrozen, and collected as usual.
+# an empty network took. From the moment a run begins to build until its last analyser is done,
+# what lived before the run is frozen (Python's gc.freeze keeps it out of collections), so Brian2's
+# collections visit only what the run made, and collect the run's garbage as before (a weakref
+# callback of an object build() dropped still runs within the run). When the run is done, what it
+# made and dropped (its network, its synapses) is collected while the rest is still frozen, at the
+# cost of the run's own objects: frozen by the next run, it would stay, with its memory, until one
+# of Python's rare full collections. Then the rest is unfrozen. Measured in CPU time with issue
+# 23's benchmark (runs of an empty network through NetworkManager, each storing three results
+# through CheckpointedHDF5StorageService; Python 3.11, Brian2 2.9): 106 ms a run without the
+# freeze, 9 ms with it over the first 30 runs; over 20,000 runs, 14.5 ms a run over the first 1,000
+# and 14.0 over the last (a store lists the runs of its set, up to 1,000: section 7.2).
 # ---------------------------------------------------------------------------------------------------
 
 import gc  # noqa: E402
+
+from brian2.units.fundamentalunits import get_unit  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -1980,8 +2152,259 @@ def _collecting_only_the_runs_garbage():
     gc.freeze()
     try:
         yield
+        gc.collect()  # what the run made and dropped, visiting only what it made
     finally:
         gc.unfreeze()
+
+
+# Runs as one table. pypet loads a run's results as a tree of Python objects, one container at a
+# time: three minutes for the benchmark's 20,000 runs of three results each (and its generic
+# loading of a file from elsewhere would unpickle). runs_table reads the HDF5 nodes itself, with
+# PyTables, where pypet's layout puts them (section 2's layout comment; pypet 0.6.1 and 0.7.0
+# write the same):
+#   TRAJ/overview/runs            a table with a row per run: its index and name
+#   TRAJ/overview/explorations    the names of the explored parameters
+#   TRAJ/parameters/A/B           a parameter: its explored values in the table explored_data
+#                                 (pypet) or explored_data__brn2__ (Brian2Parameter), whose unit is
+#                                 in data__brn2__
+#   TRAJ/results/runs/[run_set_00000/]run_00000042/NAME   a run's result: a group whose leaves are
+#                                 its items (NAME__brn2__value and NAME__brn2__unit for a Quantity)
+# A node's attributes say what it holds: SRVC_INIT_CLASS_NAME its class, SRVC_STORE how an item is
+# stored, SRVC_DATA_COLL_TYPE and SRVC_DATA_SCALAR_TYPE (SRVC_COLUMN_<column>_... in a table)
+# whether it was a scalar, list or array, and of which Python type. Every node read is checked as
+# check_file checks it (section 7.5), inside pickles_refused; unit text is parsed (section 1).
+# What it costs is PyTables' opening of each node, some 0.25 ms here: the benchmark's runs have 8
+# nodes each (the run's group, three results' groups, four items), 2.5 ms a run, 25 s for 10,000.
+
+_BRIAN2_VALUE, _BRIAN2_UNIT = "__brn2__value", "__brn2__unit"  # section 2's item names
+_STORED_COLUMN = "stored"
+
+
+def runs_table(filename, trajectory_name, results=()):
+    """The runs of exploration ``trajectory_name`` in ``filename`` as a pandas DataFrame: one row
+    per run, indexed by the run's index (named 'run'), with
+
+      - a column per explored parameter, labelled with its name without 'parameters.' ('model.tau');
+      - a column per item of each result named in ``results``, names relative to a run's group
+        (results=('statistics.rates', 'count') reads results.runs.run_00000042.statistics.rates
+        and ...count). A result whose one item is named as the result (pypet's
+        f_add_result('count', 7)) gives one column labelled with the name as given; any other
+        item gives 'NAME.ITEM' ('statistics.rates.e');
+      - 'stored': whether the run stored at least one of the named results. A run that stored
+        none (it failed, was cancelled, never ran) keeps its row, with NaN or None for its results.
+
+    A Brian2 quantity's label ends with its unit in SI, as Brian2's get_unit writes it, and its
+    cells hold the numbers in that unit, as stored: 'model.tau (s)', 'statistics.rates.e (Hz)'.
+    Arrays, lists and a table's columns go into cells as they are. Reads files written by brian2pet
+    (runs in pypet's run sets) and by pypet or pypet.brian2 (runs side by side), and never unpickles
+    or evaluates anything: every node it reads is checked as check_file checks it. Raises
+    FileRefused in one line naming the file and the node for a file that fails the check, and
+    ValueError for a name in ``results`` that names a group of results rather than one.
+    """
+    import pandas
+    import tables
+
+    names = list(dict.fromkeys([results] if isinstance(results, str) else results))
+    check_file(filename, [trajectory_name], nodes=())  # missing, not HDF5, damaged, no trajectory
+    try:
+        with pickles_refused(), tables.open_file(filename, "r") as h5:
+            reader = _RunsReader(h5, filename, trajectory_name)
+            overview = h5.get_node(f"/{trajectory_name}/overview")
+            run_names = [name.decode() for name in overview.runs.col("name")]
+            columns = [reader.explored_values(name, len(run_names))
+                       for name in _explored_names(overview)]
+            run_groups = reader.run_groups()
+            stored, found = reader.results([run_groups.get(run) for run in run_names], names)
+    except (tables.HDF5ExtError, OSError) as error:
+        raise FileRefused(
+            f"{filename}: damaged, HDF5 cannot read it: {_hdf5_reason(error)}"
+        ) from None
+    columns = [(_STORED_COLUMN, stored), *columns, *found]
+    labels = [label for label, _ in columns]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"Two columns of {filename}'s table would be labelled alike: {labels}")
+    return pandas.DataFrame({label: _without_missing(cells) for label, cells in columns},
+                            index=pandas.RangeIndex(len(run_names), name="run"))
+
+
+_MISSING = object()  # a run without the result, until the cells go into the table
+
+
+def _without_missing(cells):
+    """The cells of a column as pandas takes them: NaN for a missing number, None for others."""
+    if isinstance(cells, np.ndarray):
+        return cells
+    numbers = (bool, int, float, np.number, np.bool_)
+    if all(cell is _MISSING or isinstance(cell, numbers) for cell in cells):
+        return [np.nan if cell is _MISSING else cell for cell in cells]
+    return [None if cell is _MISSING else cell for cell in cells]
+
+
+def _explored_names(overview):
+    if "explorations" not in overview:  # older pypet files: no explored parameter to show
+        return []
+    return [name.decode() for name in overview.explorations.col("explorations")]
+
+
+class _RunsReader:
+    """Reads the nodes of one trajectory for runs_table, each checked as check_file checks it."""
+
+    def __init__(self, h5, filename, trajectory_name):
+        self.h5, self.filename, self.trajectory_name = h5, filename, trajectory_name
+        self.unit_labels = {}  # unit text: its label
+
+    def checked(self, node):
+        """``node``, unless check_file would refuse it: then FileRefused, as check_file words it."""
+        problem = _unsafe_node(node)
+        if problem:
+            # An item of a container is reported by the container's name.
+            named = node._v_parent if "SRVC_LEAF" in node._v_parent._v_attrs else node
+            where = named._v_pathname[len(self.trajectory_name) + 2:].replace("/", ".")
+            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{where}: {problem}; "
+                              f"refused (it could run code)")
+        return node
+
+    def child(self, group, name):
+        """The checked node ``name`` of ``group``, or None."""
+        # By the names PyTables listed when it opened the group: `name in group` would ask HDF5.
+        return self.checked(self.h5.get_node(group, name)) if name in group._v_children else None
+
+    def run_groups(self):
+        """{run name: its group}, in the run sets or side by side under results.runs."""
+        where = f"/{self.trajectory_name}/results/runs"
+        found = {}
+        if where in self.h5:
+            runs = self.checked(self.h5.get_node(where))
+            for name in list(runs._v_groups):
+                if _run_index(name) is not None:
+                    found[name] = (runs, name)
+                elif name.startswith(pypetconstants.SET_NAME):
+                    run_set = self.child(runs, name)
+                    found.update((run, (run_set, run)) for run in run_set._v_groups)
+        return found
+
+    def explored_values(self, full_name, n_runs):
+        """(label, the explored values of parameter ``full_name``, one per run)."""
+        group = self.checked(self.h5.get_node(f"/{self.trajectory_name}/" +
+                                              full_name.replace(".", "/")))
+        label = full_name.split(".", 1)[1] if full_name.startswith("parameters.") else full_name
+        brian2 = self.child(group, "explored_data__brn2__")
+        table = brian2 if brian2 is not None else self.child(group, "explored_data")
+        if table is None:
+            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{full_name}: explored, "
+                              f"but holds no explored values")
+        column = table.colnames[0]
+        values = _native(table.col(column), table, f"SRVC_COLUMN_{column}_", many=True)
+        if brian2 is not None and "data__brn2__" in group:
+            data = self.child(group, "data__brn2__")
+            label = self.labelled(label, data.col("unit")[0].decode(), data)
+        if len(values) != n_runs:
+            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{full_name}: "
+                              f"{len(values)} explored values for {n_runs} runs")
+        return label, values
+
+    def results(self, run_places, names):
+        """Whether each run stored any of the results ``names``, and [(label, one cell per run)]
+        (``run_places``: each run's (group, name) in the file, or None). A cell is _MISSING where
+        a run has no such result; a name that no run has gets one column, all _MISSING."""
+        stored = np.zeros(len(run_places), dtype=bool)
+        columns = {name: {} for name in names}
+        for idx, place in enumerate(run_places):
+            run = None if place is None else self.child(*place)
+            for name in names:
+                result = None if run is None else self.result_group(run, name)
+                if result is None:
+                    continue
+                stored[idx] = True
+                for item, (value, unit, node) in self.items(result).items():
+                    label = name if item == name.rsplit(".", 1)[-1] else f"{name}.{item}"
+                    if unit is not None:
+                        label = self.labelled(label, unit, node)
+                    columns[name].setdefault(label, [_MISSING] * len(run_places))[idx] = value
+        found = []
+        for name in names:
+            found.extend(columns[name].items() or [(name, [_MISSING] * len(run_places))])
+        return stored, found
+
+    def result_group(self, run, name):
+        """The checked group of result ``name`` (dotted) in the group of a ``run``, or None."""
+        group = run
+        for part in name.split("."):
+            group = self.child(group, part)
+            if group is None:
+                return None
+        if "SRVC_LEAF" not in group._v_attrs:
+            examples = ", ".join(f"'{name}.{child}'" for child in sorted(group._v_children)[:2])
+            raise ValueError(f"{self.filename}: {group._v_pathname} is a group of results, not a "
+                             f"result; name the results in it ({examples}, ...)")
+        return group
+
+    def items(self, result):
+        """{item name: (value, unit text or None, its node)} of a result's group, by name."""
+        found = {}
+        for leaf_name in sorted(result._v_children):  # groups and links too: the check refuses them
+            leaf = self.child(result, leaf_name)
+            if leaf_name.endswith(_BRIAN2_UNIT):
+                continue  # read with its value
+            if leaf_name.endswith(_BRIAN2_VALUE):
+                item = leaf_name[:-len(_BRIAN2_VALUE)]
+                unit = self.child(result, item + _BRIAN2_UNIT)
+                found[item] = (_read_item(leaf), unit and _read_item(unit), unit)
+            else:
+                found[leaf_name] = (_read_item(leaf), None, leaf)
+        return found
+
+    def labelled(self, label, unit_text, node):
+        """``label`` with the SI unit of ``unit_text`` (read from ``node``) in brackets, or none
+        for a plain number."""
+        if unit_text not in self.unit_labels:
+            try:
+                dimensions = get_dimensions(unit_from_expression(unit_text))
+            except (TypeError, ValueError) as error:
+                where = node._v_pathname[len(self.trajectory_name) + 2:].replace("/", ".")
+                raise FileRefused(f"{self.filename}: {self.trajectory_name}.{where}: {error}"
+                                  ) from None
+            self.unit_labels[unit_text] = (
+                "" if dimensions is DIMENSIONLESS else f" ({get_unit(dimensions)})"
+            )
+        return label + self.unit_labels[unit_text]
+
+
+def _read_item(leaf):
+    """The value of an item of a result, as pypet stored it (leaves that pypet reads through pandas
+    or pickle were refused by the check)."""
+    if hasattr(leaf, "colnames"):  # a PyTables Table
+        table = leaf.read()
+        columns = {column: _native(table[column], leaf, f"SRVC_COLUMN_{column}_", many=True)
+                   for column in table.dtype.names}
+        if str(getattr(leaf._v_attrs, "SRVC_STORE", "")) == "DICT":  # a dict: one row
+            return {column: values[0] for column, values in columns.items()}
+        return columns
+    return _native(leaf.read(), leaf, "SRVC_DATA_")
+
+
+def _native(data, node, prefix, many=False):
+    """``data`` read from ``node`` as the Python type that pypet stored it from (its attributes
+    PREFIX COLL_TYPE and SCALAR_TYPE): text comes back as str, a scalar as a scalar, a list as a
+    list. ``many``: a table's column, one value per row."""
+    if many:
+        return [_native(value, node, prefix) for value in data]
+    attributes = node._v_attrs
+    collection = str(getattr(attributes, prefix + "COLL_TYPE", ""))
+    type_name = str(getattr(attributes, prefix + "SCALAR_TYPE", ""))
+    as_type = str if type_name == "str" else pypetconstants.PARAMETERTYPEDICT.get(type_name)
+    if collection == "COLL_SCALAR":
+        return _as_type(data.item() if isinstance(data, np.ndarray) else data, as_type)
+    if collection in ("COLL_LIST", "COLL_TUPLE"):
+        items = [_as_type(item, as_type) for item in data]
+        return items if collection == "COLL_LIST" else tuple(items)
+    return data
+
+
+def _as_type(value, as_type):
+    if isinstance(value, bytes) and as_type is str:
+        return value.decode()
+    return value if as_type is None or as_type is str else as_type(value)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -462,7 +462,7 @@ LONG_EXPLORATIONS = [
     "Terminated", "signals_deferred", "stop_cleanly_on_signals", "CheckpointedHDF5StorageService",
     "FileDamaged", "restore_checkpoint", "remove_from_file", "prepare_resume", "finished_runs",
     "remove_resume_files", "ForkingEnvironment", "SAFE_CLASSES", "FileRefused", "pickles_refused",
-    "check_file", "load_nodes", "run_command",
+    "check_file", "load_nodes", "run_command", "runs_table",
 ]
 STANDALONE = ["StandaloneNetworkManager"]
 
@@ -2668,6 +2668,7 @@ def crafted_sweep(reference, tmp_path, add, marker):
 # 6 below); here the example's --replot, which loads with it, on one of them.
 def test_replot_refuses_pickled_content_and_runs_nothing(reference, tmp_path):
     add, node = CRAFTED["pickled attribute in a run"]
+    node = node.replace(".run_", ".run_set_00000.run_")  # the example's runs are in sets (7.2)
     marker = tmp_path / "payload-ran"
     filename = crafted_sweep(reference, tmp_path, add, marker)
 
@@ -3344,8 +3345,12 @@ def runs_held(filename, name):
         return set()
     with tables.open_file(filename) as h5:
         where = f"/{name}/results/runs"
-        return {int(group._v_name.split("_")[1]) for group in h5.iter_nodes(where)} if (
-            where in h5) else set()
+        if where not in h5:
+            return set()
+        groups = list(h5.iter_nodes(where))  # run sets (section 7.2), or runs side by side
+        runs = [run for group in groups for run in (
+            h5.iter_nodes(group) if group._v_name.startswith("run_set_") else [group])]
+        return {int(run._v_name.split("_")[1]) for run in runs}
 
 
 def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=False):
@@ -3622,8 +3627,9 @@ def explored_numbers(out):
     traj = brian2pet.load_nodes(str(out / "explore.hdf5"), "explore", ("results.runs",))
     numbers = {}
     for idx, name in enumerate(traj.f_get_run_names()):
-        if traj.f_contains(f"results.runs.{name}.spikes", shortcuts=False):
-            run = traj.f_get(f"results.runs.{name}", shortcuts=False)
+        path = f"results.runs.{traj.f_wildcard('$set', idx)}.{name}"  # runs in sets (section 7.2)
+        if traj.f_contains(f"{path}.spikes", shortcuts=False):
+            run = traj.f_get(path, shortcuts=False)
             numbers[idx] = (np.asarray(run.spikes.t), np.asarray(run.spikes.i), np.asarray(run.v.v))
     return numbers
 
@@ -3874,10 +3880,10 @@ def coupled_spikes(filename, name, environment_options, extra=()):
 
 def spikes_of_runs(filename, name):
     traj = brian2pet.load_nodes(filename, name, ("results.runs",))
-    return [(np.asarray(traj.f_get(f"results.runs.{run}.spikes").t),
-             np.asarray(traj.f_get(f"results.runs.{run}.spikes").i))
-            for run in traj.f_get_run_names()
-            if traj.f_contains(f"results.runs.{run}.spikes", shortcuts=False)]
+    runs = [f"results.runs.{traj.f_wildcard('$set', idx)}.{run}"  # runs in sets (section 7.2)
+            for idx, run in enumerate(traj.f_get_run_names())]
+    return [(np.asarray(traj.f_get(f"{run}.spikes").t), np.asarray(traj.f_get(f"{run}.spikes").i))
+            for run in runs if traj.f_contains(f"{run}.spikes", shortcuts=False)]
 
 
 @pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt),
@@ -3891,7 +3897,8 @@ def test_a_run_a_signal_stops_is_never_stored_as_finished_and_resumes(tmp_path, 
         coupled_spikes(filename, "stopped", resumable, extra=[SignalInRun(signum, 1)])
     assert brian2pet.finished_runs(resume_folder, "stopped") == [0]
     with tables.open_file(filename) as h5:
-        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs")] == ["run_00000000"]
+        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs/run_set_00000")] == [
+            "run_00000000"]
 
     assert brian2pet.prepare_resume(filename, resume_folder, "stopped") == 2
     env = Environment(trajectory="stopped", filename=filename, log_config=None, log_stdout=False,
@@ -3920,7 +3927,8 @@ def test_a_sigterm_python_swallows_in_a_finalizer_still_keeps_its_run_from_being
     assert sys.unraisablehook is hook  # the block put the hook back
     assert brian2pet.finished_runs(resume_folder, "stopped") == [0]
     with tables.open_file(filename) as h5:
-        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs")] == ["run_00000000"]
+        assert [g._v_name for g in h5.iter_nodes("/stopped/results/runs/run_set_00000")] == [
+            "run_00000000"]
 
 
 # Forked workers
@@ -4038,6 +4046,244 @@ def test_load_nodes_refuses_pickled_content_in_one_line_and_runs_nothing(tmp_pat
     load_trajectory("small", filename=filename, load_data=2,
                     dynamic_imports=SWEEP_CLASSES + [PickleParameter])
     assert marker.exists()
+
+
+# Many runs (issue 23): a store's cost flat however many runs came before, and runs as one table
+
+from pypet.storageservice import HDF5StorageService  # noqa: E402 - pypet's own, runs side by side
+
+
+def stored_count(traj):
+    traj.f_add_result("count", traj.x * 2)
+
+
+def test_a_store_lists_at_most_one_run_set_however_many_runs_came_before(tmp_path, monkeypatch):
+    # pypet's layout put every run's group side by side, and each store opened that group, whose
+    # children PyTables lists first: a store's work grew with the runs before it. In run sets of
+    # 1,000 (pypet's '$set' layout) the largest group a store opens is one set.
+    runs = 1500
+    listed = []
+    listing = tables.group.Group._g_add_children_names
+
+    def counted_listing(group):
+        listing(group)
+        if "/results" in group._v_pathname:
+            listed.append(len(group._v_children))
+
+    monkeypatch.setattr(tables.group.Group, "_g_add_children_names", counted_listing)
+    filename = str(tmp_path / "scale.hdf5")
+    env = Environment(trajectory="scale", filename=filename, multiproc=False, log_config=None,
+                      report_progress=False, add_time=False,
+                      storage_service=brian2pet.CheckpointedHDF5StorageService)
+    env.trajectory.f_add_parameter("x", 0)
+    env.trajectory.f_explore({"x": list(range(runs))})
+    env.run(stored_count)
+    monkeypatch.undo()
+    assert len(listed) > runs and max(listed) < 1000 < runs  # at most a set, never all runs
+    with tables.open_file(filename) as h5:
+        sets = {group._v_name: len(group._v_groups)
+                for group in h5.iter_nodes("/scale/results/runs")}
+    assert sets == {"run_set_00000": 1000, "run_set_00001": 500}
+    table = brian2pet.runs_table(filename, "scale", results=("count",))
+    assert table["stored"].all() and (table["count"] == 2 * table["x"]).all()
+    assert list(table.index) == list(range(runs))
+
+
+def stores_results(traj):
+    """What the tables below read back: every kind of item pypet stores as plain HDF5, with and
+    without units; run 1 stores nothing, run 2 one result more."""
+    classes = TABLE_CLASSES[type(traj.f_get("model.tau")).__module__]
+    if traj.v_idx == 1:
+        return
+    traj.f_add_result("count", traj.n * 2)
+    traj.f_add_result(classes["Result"], "statistics.rates", e=traj.n * 3 * Hz,
+                      i=np.arange(3) * traj.n * Hz, tau=traj.tau)
+    traj.f_add_result("statistics.flags", reason=f"run {traj.v_idx}", ok=traj.v_idx > 0,
+                      sizes=[1, traj.n], numbers=np.arange(4.0) * traj.n)
+    if traj.v_idx == 2:
+        traj.f_add_result(classes["Result"], "rate", traj.n * 5 * Hz)
+
+
+TABLE_CLASSES = {
+    "brian2pet": {"Parameter": Brian2Parameter, "Result": Brian2Result},
+    "pypet.brian2.parameter": {"Parameter": pypet_brian2.Brian2Parameter,
+                               "Result": pypet_brian2.Brian2Result},
+}
+TABLE_RESULTS = ("count", "statistics.rates", "statistics.flags", "rate")
+# The table's labels: explored parameters, then each result's items (by name) as TABLE_RESULTS
+# names the results.
+TABLE_LABELS = {
+    "model.tau (s)": ("model.tau", None), "model.n": ("model.n", None),
+    "model.v0 (V)": ("model.v0", None),
+    "count": ("count", "count"),
+    "statistics.rates.e (Hz)": ("statistics.rates", "e"),
+    "statistics.rates.i (Hz)": ("statistics.rates", "i"),
+    "statistics.rates.tau (s)": ("statistics.rates", "tau"),
+    "statistics.flags.numbers": ("statistics.flags", "numbers"),
+    "statistics.flags.ok": ("statistics.flags", "ok"),
+    "statistics.flags.reason": ("statistics.flags", "reason"),
+    "statistics.flags.sizes": ("statistics.flags", "sizes"),
+    "rate (Hz)": ("rate", "rate"),
+}
+
+
+def explore_for_a_table(filename, writer, service):
+    classes = TABLE_CLASSES[writer]
+    env = Environment(trajectory="table", filename=filename, multiproc=False, log_config=None,
+                      report_progress=False, add_time=False, storage_service=service)
+    traj = env.trajectory
+    traj.f_add_parameter(classes["Parameter"], "model.tau", 10 * ms)
+    traj.f_add_parameter("model.n", 1)
+    traj.f_add_parameter(classes["Parameter"], "model.v0", np.zeros(2) * mV)
+    traj.f_explore({"model.tau": [5 * ms, 10 * ms, 20 * ms], "model.n": [1, 2, 3],
+                    "model.v0": [np.zeros(2) * mV, np.ones(2) * mV, np.arange(2) * mV]})
+    env.run(stores_results)
+
+
+def as_si(value):
+    """A value as the table holds it: a Quantity's numbers in SI, anything else as it is."""
+    if not isinstance(value, brian2.Quantity):
+        return value
+    numbers = np.asarray(value)
+    return numbers.item() if numbers.ndim == 0 else numbers
+
+
+@pytest.mark.parametrize("writer, service", [
+    ("brian2pet", brian2pet.CheckpointedHDF5StorageService),  # runs in sets
+    ("brian2pet", HDF5StorageService),  # runs side by side
+    ("pypet.brian2.parameter", HDF5StorageService),
+], ids=["brian2pet-run-sets", "brian2pet-pypet-layout", "pypet.brian2"])
+def test_runs_table_equals_what_load_trajectory_loads(tmp_path, writer, service):
+    filename = str(tmp_path / "table.hdf5")
+    explore_for_a_table(filename, writer, service)
+    table = brian2pet.runs_table(filename, "table", results=TABLE_RESULTS)
+    assert list(table.columns) == ["stored", *TABLE_LABELS] and list(table.index) == [0, 1, 2]
+    assert table.index.name == "run" and list(table["stored"]) == [True, False, True]
+    # The oracle: pypet's own loading, with the containers' classes.
+    traj = load_trajectory("table", filename=filename, load_data=2,
+                           dynamic_imports=[Brian2Parameter, Brian2Result])
+    for label, (name, item) in TABLE_LABELS.items():
+        for idx, run in enumerate(traj.f_get_run_names()):
+            if item is None:
+                expected = traj.f_get(name).f_get_range()[idx]
+            elif traj.f_contains(f"results.runs.{run}.{name}", shortcuts=True):  # via a run set
+                expected = traj.f_get(f"results.runs.{run}.{name}").f_get(item)
+            else:
+                expected = None
+            cell = table[label][idx]
+            if expected is None:  # the run did not store it
+                assert cell is None or np.isnan(cell), (label, idx)
+            else:
+                np.testing.assert_equal(cell, as_si(expected), err_msg=f"{label}, run {idx}")
+
+
+def test_runs_table_of_a_network_equals_what_load_trajectory_loads(tmp_path):
+    # Three runs of a real network, stored by NetworkManager through pypet's Environment.
+    filename = str(tmp_path / "spikes.hdf5")
+    coupled_spikes(filename, "spikes", {})
+    table = brian2pet.runs_table(filename, "spikes", results="spikes")
+    assert list(table.columns[:2]) == ["stored", "model.w"]
+    assert {"spikes.t (s)", "spikes.i"} <= set(table.columns)
+    traj = load_trajectory("spikes", filename=filename, load_data=2,
+                           dynamic_imports=[Brian2Parameter, Brian2MonitorResult])
+    for idx, run in enumerate(traj.f_get_run_names()):
+        spikes = traj.f_get(f"results.runs.{run}.spikes")
+        np.testing.assert_array_equal(table["spikes.t (s)"][idx], np.asarray(spikes.t))
+        np.testing.assert_array_equal(table["spikes.i"][idx], np.asarray(spikes.i))
+        assert len(spikes.i) > 0
+    assert list(table["model.w"]) == [0.0, 0.1, 0.2]
+
+
+def test_runs_table_of_runs_that_never_ran_and_of_a_name_no_run_stored(tmp_path):
+    # An exploration stored before any run (section 7.5's small file, pypet's own layout): only
+    # run 1 holds results. A name that no run stored gives a column of its own, all missing.
+    filename = small_trajectory_file(tmp_path)
+    table = brian2pet.runs_table(filename, "small", results=["statistics.rates", "typo"])
+    assert list(table.columns) == ["stored", "model.tau (s)", "statistics.rates.e (Hz)", "typo"]
+    assert list(table["stored"]) == [False, True]
+    assert list(table["model.tau (s)"]) == [0.005, 0.01]
+    rates = table["statistics.rates.e (Hz)"]
+    assert np.isnan(rates[0]) and rates[1] == 3
+    assert table["typo"].isna().all()
+    with pytest.raises(ValueError, match="statistics is a group of results, not a result"):
+        brian2pet.runs_table(filename, "small", results=["statistics"])
+
+
+@pytest.mark.parametrize("case", ["PickleResult", "pickled frame in a run",
+                                  "pickled attribute in a run"])
+def test_runs_table_refuses_pickled_content_in_one_line_and_runs_nothing(tmp_path, case):
+    add, node = CRAFTED[case]
+    marker = tmp_path / "payload-ran"
+    filename = small_trajectory_file(tmp_path, add, marker)
+    result = node.split("run_00000001.", 1)[1]
+    with pytest.raises(brian2pet.FileRefused) as refused:
+        brian2pet.runs_table(filename, "small", results=[result])
+    message = str(refused.value)
+    assert message.count("\n") == 0 and f"{filename}: small.{node}:" in message
+    assert "refused" in message and not marker.exists()
+
+
+def test_run_sets_are_pypets_own_set_layout_whatever_the_run_stores(tmp_path):
+    # The same runs stored by pypet's own service with the '$set' names written out, and by
+    # brian2pet's with pypet's usual names, stored every way a run can store: an item at once
+    # (f_store_item), the run's new nodes in the middle of the run and again at its end, a link
+    # to a node of the run, and (clean_up_runs=False) the whole trajectory after the last run.
+    def stores(traj, in_sets):
+        where = "runs.$set.$." if in_sets else ""
+        traj.f_store_item(traj.f_add_result(f"{where}first", 1))
+        traj.f_add_derived_parameter(f"{where}derived", traj.x)
+        traj.f_store()
+        stats = traj.f_add_result_group(f"{where}stats")
+        stats.f_add_link("same_rate", stats.f_add_result(Brian2Result, "rate", traj.x * Hz))
+
+    def layout(filename):
+        with tables.open_file(filename) as h5:
+            return sorted((node._v_pathname, type(node).__name__, getattr(node, "target", None),
+                           sorted((name, str(getattr(node._v_attrs, name)))
+                                  for name in node._v_attrs._f_list("all"))
+                           if hasattr(node, "_v_attrs") else None)
+                          for node in h5.walk_nodes("/t")
+                          if "/results" in node._v_pathname or "/derived" in node._v_pathname)
+
+    files = {}
+    for in_sets, service in [(True, HDF5StorageService),
+                             (False, brian2pet.CheckpointedHDF5StorageService)]:
+        files[in_sets] = str(tmp_path / f"{in_sets}.hdf5")
+        env = Environment(trajectory="t", filename=files[in_sets], multiproc=False,
+                          log_config=None, report_progress=False, add_time=False,
+                          clean_up_runs=False, storage_service=service)
+        env.trajectory.f_add_parameter("x", 0)
+        env.trajectory.f_explore({"x": [1, 2, 3]})
+        env.run(stores, in_sets)
+    mine = layout(files[False])
+    assert mine == layout(files[True])
+    assert sum(path.endswith("/run_00000002/stats/rate") for path, *_ in mine) == 1
+    assert all("/run_set_00000/" in path for path, *_ in mine if "/run_0" in path)
+    # pypet loads it, and pypet.brian2's classes too
+    traj = load_trajectory("t", filename=files[False], load_data=2,
+                           dynamic_imports=[pypet_brian2.Brian2Result])
+    assert traj.f_get("results.runs.run_set_00000.run_00000002.stats.rate").rate == 3 * Hz
+    assert traj.f_get("results.runs.run_00000002.stats.same_rate").rate == 3 * Hz  # shortcut
+
+
+def test_a_file_pypet_began_goes_on_in_its_layout_and_remove_from_file_finds_runs_in_sets(
+        tmp_path):
+    filename = small_trajectory_file(tmp_path)  # run 1 side by side, pypet's layout
+    traj = load_trajectory("small", filename=filename, load_all=2,
+                           dynamic_imports=SWEEP_CLASSES,
+                           storage_service=brian2pet.CheckpointedHDF5StorageService)
+    traj.f_store_item(traj.f_add_result("results.runs.run_00000001.extra", 5))
+    traj.f_store_item(traj.f_add_result("results.runs.run_00000000.extra", 4))
+    with tables.open_file(filename) as h5:
+        assert "/small/results/runs/run_00000001/extra" in h5  # where run 1 was
+        assert "/small/results/runs/run_set_00000/run_00000000/extra" in h5  # a new run's group
+    assert brian2pet.remove_from_file(filename, ["/small/results/runs/run_00000000",
+                                                 "/small/results/runs/run_00000001",
+                                                 "/small/results/runs/run_00000002"]) == [
+        "/small/results/runs/run_set_00000/run_00000000", "/small/results/runs/run_00000001"]
+    with tables.open_file(filename) as h5:
+        assert [group._v_name for group in h5.walk_groups("/small/results/runs")] == [
+            "runs", "run_set_00000"]
 
 
 # Runs without Linux-only calls
