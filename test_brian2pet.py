@@ -7,6 +7,7 @@ exploration of its own.
 """
 
 import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -893,6 +894,41 @@ def test_brian_list_must_hold_brian_objects():
     manager.add_parameters(traj)
     with pytest.raises(TypeError, match=r"BadComponent\.build\(\).*list.*network_dict"):
         manager.run_network(traj)
+
+
+class MakesAGroupPerRun(NetworkComponent):
+    def __init__(self, made):
+        self.made = made
+
+    def build(self, traj, brian_list, network_dict):
+        # Once simulated, a group with synapses holds reference cycles: only a collection frees it.
+        group = NeuronGroup(1000, "dv/dt = -v / (10*ms) : 1", threshold="v > 1", method="exact")
+        synapses = Synapses(group, group, on_pre="v += 0.1")
+        synapses.connect(p=0.01)
+        self.made.append(weakref.ref(group))
+        brian_list.extend([group, synapses])
+
+
+@pytest.mark.parametrize("pre_built", [False, True])
+def test_what_a_run_made_is_collected_when_the_run_is_done(pre_built):
+    """Section 7.7 freezes what lived before a run while it runs; what the run made and dropped
+    must not stay frozen with the next run's freeze (its memory would stay for many runs)."""
+    made = []
+    manager = NetworkManager(SpyRunner([]), [SpyComponent("c1", [], makes_group="pre_build"),
+                                             MakesAGroupPerRun(made)])
+    traj = Trajectory("t", add_time=False)
+    manager.add_parameters(traj)
+    if pre_built:
+        manager.pre_build(traj)
+    gc.collect()
+    gc.disable()  # only the collections that brian2pet and Brian2 make themselves
+    try:
+        for _ in range(3):
+            manager.run_network(traj)
+            assert [ref() for ref in made] == [None] * len(made)
+    finally:
+        gc.enable()
+    assert not gc.get_freeze_count()
 
 
 def test_pre_run_calls_pre_build_then_runs_the_pre_durations():
