@@ -770,11 +770,10 @@ class NetworkManager(HasLogger):
         if not self._pre_built:
             self.pre_build(traj)
         self._logger.info("Pre-running the network")
-        network = self._start.network
-        self.network_runner.execute_network_pre_run(traj, network, self._network_dict,
+        self.network_runner.execute_network_pre_run(traj, self._start.network, self._network_dict,
                                                     self.components, self.analysers)
         self._pre_run = True
-        self._take_start(network)
+        self._take_start(self._start.network)
 
     def _take_start(self, network):
         """What every run starts from: ``network`` and the pre-built objects, as they are now."""
@@ -784,9 +783,8 @@ class NetworkManager(HasLogger):
         """One run of the exploration: pass this to ``Environment.run`` (spec 7.3).
 
         Every run starts from the start above, with Brian2's random state of when the first run
-        began (or pypet pickled this manager): runs draw the same random numbers unless they seed
-        themselves, e.g. ``brian2.seed(traj.trial)`` in a build(), with ``trial`` explored.
-        """
+        began (or pypet pickled this manager): runs draw the same numbers unless they seed
+        themselves, e.g. ``brian2.seed(traj.trial)`` in a build(), with ``trial`` explored."""
         if self._copy_redoes is not None:  # a pickled copy, in a new process (section 7.3)
             _redo_in_this_process(self, traj)
         if self._random_state is None:
@@ -815,8 +813,8 @@ class NetworkManager(HasLogger):
     _copy_redoes = None  # in a pickled copy: "pre_build" or "pre_run", to redo (section 7.3)
 
     def __getstate__(self):
-        # pypet pickles the run function, and with it this manager, for SCOOP's workers and to
-        # resume; most Brian2 objects cannot be pickled. A copy travels without them (section 7.3).
+        # pypet pickles the manager (with the run function) for SCOOP's workers and to resume; a
+        # copy travels without Brian2's objects, which mostly cannot be pickled (section 7.3).
         return _state_of_a_copy(self, super().__getstate__())
 
 
