@@ -1702,8 +1702,9 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     namespace = {"__name__": "quickstart"}
     exec(compile(code, "README.md quick start", "exec"), namespace)
     namespace["env"].disable_logging()
-    back = namespace["traj"]  # as the quick start loads it from the file
-    counts = [back.f_get(f"results.runs.{run}.spikes").num_spikes for run in back.f_get_run_names()]
+    table = namespace["table"]  # as the quick start reads it from the file
+    assert list(table["model.tau (s)"]) == [0.005, 0.01, 0.02]
+    counts = list(table["spikes.num_spikes"])
     assert len(counts) == 3 and counts[0] > counts[2] > 0  # a faster membrane fires more often
     assert os.listdir(tmp_path) == ["results"]  # no log files (log_config=None)
 
