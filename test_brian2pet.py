@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import weakref
 
@@ -1977,6 +1978,68 @@ def test_standalone_analyser_adding_a_subrun_is_an_error_naming_it(standalone_fo
     result, stderr = standalone_scenario(standalone_folder, "adds a subrun")
     assert result is None  # the first run fails, and with it the exploration in one process
     assert "FixedSpikes.analyse() added subrun `more`: on a standalone device" in stderr
+
+
+# The README's explored input rate for a program (Brian2 2.9's PoissonInput takes a fixed rate), as
+# printed there, in an exploration on cpp_standalone: the rate reaches every execution.
+README_RATE_EXPLORATION = """
+import json, sys
+import brian2
+from brian2 import NeuronGroup, SpikeMonitor, Hz, ms
+from pypet import Environment
+from brian2pet import (Brian2Parameter, NetworkAnalyser, NetworkComponent, NetworkRunner,
+                       StandaloneNetworkManager)
+brian2.set_device('cpp_standalone', build_on_run=False)
+
+class Inputs(NetworkComponent):
+    def add_parameters(self, traj):
+        traj.f_add_parameter(Brian2Parameter, 'rate', 0 * Hz)
+
+    def build(self, traj, brian_list, network_dict):
+        if 'neurons' not in network_dict:
+{snippet}
+            brian_list.append(group)
+            network_dict['neurons'] = group
+        network_dict['neurons'].rate = traj.rate
+
+class Spikes(NetworkAnalyser):
+    def add_to_network(self, traj, network, current_subrun, subrun_list, network_dict):
+        network_dict['spikes'] = SpikeMonitor(network_dict['neurons'])
+        network.add(network_dict['spikes'])
+
+    def analyse(self, traj, network, current_subrun, subrun_list, network_dict):
+        print(json.dumps([float(traj.rate), int(network_dict['spikes'].num_spikes)]), flush=True)
+
+class Runner(NetworkRunner):
+    def add_parameters(self, traj):
+        traj.f_add_parameter(Brian2Parameter, 'simulation.durations.run',
+                             100 * ms).v_annotations.order = 0
+
+env = Environment(trajectory='rate', filename='rate.hdf5', log_config=None, report_progress=False)
+traj = env.trajectory
+manager = StandaloneNetworkManager(Runner(report=None), [Inputs()], [Spikes()], directory=sys.argv[1])
+manager.add_parameters(traj)
+traj.f_explore({'rate': [0 * Hz, 20 * Hz, 80 * Hz]})
+manager.pre_build(traj)
+env.run(manager.run_network)
+"""
+
+
+def test_readme_explored_input_rate_reaches_a_program(standalone_folder, tmp_path):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    snippet = readme.split("an explored input rate reaches a program", 1)[1]
+    snippet = snippet.split("```python", 1)[1].split("```", 1)[0]
+    # The group is made once; its rate is set in every run, as the script above does.
+    lines = [line for line in snippet.strip().splitlines() if "group.rate = " not in line]
+    script = README_RATE_EXPLORATION.replace(
+        "{snippet}", textwrap.indent("\n".join(lines), " " * 12))
+    done = subprocess.run([sys.executable, "-c", script, str(standalone_folder / "rate_program")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=HERE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("[")]
+    assert [rate for rate, _ in counts] == [0.0, 20.0, 80.0]
+    assert counts[0][1] == 0 < counts[1][1] < counts[2][1]  # the rate of each run reached it
 
 
 # Seeds per run (issue 22): brian2.seed(traj.run_seed) in build() reaches the compiled program as
