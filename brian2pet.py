@@ -1402,7 +1402,7 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
                     or not instance.v_annotations.f_is_empty()):
                 items = None  # runs_table must read the node, and check it as check_file does
             _append_to_index(self._hdf5file, self._trajectory_group,
-                             *_index_rows(run, result, items, flags))
+                             _index_rows(run, result, items, flags))
 
     def _all_delete_parameter_or_result_or_group(self, instance, delete_only=None,
                                                  remove_from_item=False, recursive=False,
@@ -1415,7 +1415,7 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
             if delete_only is None:
                 rows = _removed_from_index(self._hdf5file, path)
             elif place is not None and place[1]:  # some items of a run's result
-                rows = [(place[0], _FROM_NODES, place[1])]
+                rows = [_marker_row(place[0], _FROM_NODES, place[1].encode())]
             else:
                 rows = []
             _append_to_index(self._hdf5file, self._trajectory_group, rows)
@@ -2231,14 +2231,17 @@ def _collecting_only_the_runs_garbage():
 # first, in two reads.
 #
 # The index. As the service stores a leaf inside a run's group, it appends the leaf's numbers, as
-# the leaf gave them to pypet (its _store()), to two plain PyTables nodes in the trajectory's group.
-# pypet's loading walks only the groups under a trajectory's group, so it never sees them:
-#   TRAJ/brian2pet_runs    a table (_INDEX_ROW), a row per item: the run's index; the result's name
-#                          relative to the run's group ('statistics.rates'); the item's name as
-#                          pypet stores it ('e__brn2__value'); its unit's text (section 1), '' for
-#                          a plain number; its dtype, shape, and pypet's collection and scalar type
-#                          (what pypet's attributes SRVC_DATA_COLL_TYPE and _SCALAR_TYPE hold); and
-#                          where its numbers start in brian2pet_values, and how many there are
+# the leaf gave them to pypet (its _store()), to three plain PyTables nodes in the trajectory's
+# group. pypet's loading walks only the groups under a trajectory's group, so it never sees them:
+#   TRAJ/brian2pet_items   a table (_INDEX_ITEM), a row per kind of item, as the runs share them:
+#                          the result's name relative to the run's group ('statistics.rates'); the
+#                          item's name as pypet stores it ('e__brn2__value'); its unit's text
+#                          (section 1), '' for a plain number; its dtype, number of dimensions, and
+#                          pypet's collection and scalar type (what pypet's attributes
+#                          SRVC_DATA_COLL_TYPE and _SCALAR_TYPE hold)
+#   TRAJ/brian2pet_runs    a table (_INDEX_ROW), a row per item of a run: the run's index, what the
+#                          row says (below), its kind of item (a row of brian2pet_items), its
+#                          shape, and where its numbers start in brian2pet_values
 #   TRAJ/brian2pet_values  a float64 EArray: every row's numbers, flattened, one after another
 # Rows are only appended, and a later row counts over an earlier one. Besides items, a row may say:
 #   _FROM_NODES  read this run's result from its nodes: it holds what the index does not (text, a
@@ -2255,18 +2258,24 @@ def _collecting_only_the_runs_garbage():
 # whole whatever the results named, and the copy doubles the item on disk. A thousand numbers (8 KB)
 # keeps a table's cells (counts, rates, a trace, a rate per neuron of a small group) and leaves out
 # the monitors' spikes and traces, which figures read a run at a time.
+# The nodes are not compressed: every store rewrites their last chunk, and a compressed chunk that
+# grows moves, leaving space that HDF5 does not reuse once the file was closed (19 MB for the
+# benchmark's 10,000 runs, with rows that held their texts). Uncompressed, a chunk stays in place.
 # Measured on the benchmark's file (python ../shared/bench/many_runs.py --runs 10000, kept), ...
 
 _BRIAN2_VALUE, _BRIAN2_UNIT = "__brn2__value", "__brn2__unit"  # section 2's item names
 _STORED_COLUMN = "stored"
-_INDEX_TABLE, _INDEX_VALUES = "brian2pet_runs", "brian2pet_values"
+_INDEX_ITEMS, _INDEX_TABLE, _INDEX_VALUES = "brian2pet_items", "brian2pet_runs", "brian2pet_values"
 _ITEM, _FROM_NODES, _REMOVED = 0, 1, 2  # what an index row says (its column 'state')
 _MAX_INDEXED_SIZE = 1000
 _MAX_INDEXED_DIMENSIONS = 4
+_INDEX_ITEM = np.dtype([
+    ("result", "S200"), ("item", "S100"), ("unit", "S100"), ("dtype", "S4"),
+    ("collection", "S16"), ("scalar_type", "S16"), ("ndim", "i1"),
+])
 _INDEX_ROW = np.dtype([
-    ("run", "<i8"), ("state", "i1"), ("result", "S200"), ("item", "S100"), ("unit", "S100"),
-    ("dtype", "S4"), ("collection", "S16"), ("scalar_type", "S16"), ("ndim", "i1"),
-    ("shape", "<i8", (_MAX_INDEXED_DIMENSIONS,)), ("start", "<i8"), ("length", "<i8"),
+    ("run", "<i8"), ("state", "i1"), ("item", "<i4"), ("shape", "<i4", (_MAX_INDEXED_DIMENSIONS,)),
+    ("start", "<i8"),
 ])
 # Numbers that float64 holds exactly, in this machine's byte order: booleans, integers (checked to
 # be within 2**53), floats of up to 64 bits.
@@ -2276,13 +2285,6 @@ _INDEXED_COLLECTIONS = ("COLL_SCALAR", "COLL_LIST", "COLL_TUPLE", "COLL_NDARRAY"
 # pypet's names of the numeric scalar types ('' : none, for an array)
 _INDEXED_TYPE_NAMES = {"", *(name for name, kind in pypetconstants.PARAMETERTYPEDICT.items()
                              if issubclass(kind, (int, float, np.bool_, np.integer, np.floating)))}
-
-
-def _index_filters():
-    import tables
-
-    # Light compression: the rows' text columns are mostly padding.
-    return tables.Filters(complevel=1, complib="zlib", shuffle=True)
 
 
 def _place_in_runs(path, trajectory_name):
@@ -2327,12 +2329,14 @@ def _indexable(value):
 
 
 def _index_rows(run, result, store_dict, store_flags):
-    """The index's rows and numbers for the items ``store_dict`` (None: items the index cannot
-    hold) of a run's result: a row per item, or one _FROM_NODES row if any item is not indexable."""
-    from_nodes = ([(run, _FROM_NODES, result)], [])
-    if store_dict is None or len(result.encode()) > _INDEX_ROW["result"].itemsize:
+    """The index rows for the items ``store_dict`` (None: items the index cannot hold) of a run's
+    result, each (run, state, kind of item as a row of brian2pet_items, shape, numbers): a row per
+    item, or one _FROM_NODES row if any item is not indexable."""
+    result = result.encode()
+    from_nodes = [_marker_row(run, _FROM_NODES, result)]
+    if store_dict is None:
         return from_nodes
-    rows, numbers = [], []
+    rows = []
     for key, value in store_dict.items():
         unit = ""
         if key.endswith(_BRIAN2_UNIT):
@@ -2347,47 +2351,57 @@ def _index_rows(run, result, store_dict, store_flags):
         if store_flags.get(key) in (HDF5StorageService.ARRAY, HDF5StorageService.CARRAY,
                                     HDF5StorageService.EARRAY) and "." not in key:
             found = _indexable(value)  # other flags: tables, pandas, VLArrays, nested groups
-        texts = [text.encode() for text in (key, unit)]
-        if found is None or any(len(text) > _INDEX_ROW[column].itemsize
-                                for text, column in zip(texts, ("item", "unit"))):
+        if found is None:
             return from_nodes
         data, collection, type_name = found
+        kind = (result, key.encode(), unit.encode(), data.dtype.str.encode(), collection.encode(),
+                type_name.encode(), data.ndim)
+        if any(len(text) > _INDEX_ITEM[column].itemsize  # too long for a column: not indexed
+               for text, column in zip(kind[:3], _INDEX_ITEM.names)):
+            return from_nodes
         shape = list(data.shape) + [0] * (_MAX_INDEXED_DIMENSIONS - data.ndim)
-        rows.append((run, _ITEM, result, *texts, data.dtype.str, collection, type_name,
-                     data.ndim, shape, data.size))
-        numbers.append(data.reshape(-1))
-    return rows, numbers
+        rows.append((run, _ITEM, kind, shape, data.reshape(-1)))
+    return rows
 
 
-def _append_to_index(h5, trajectory_group, rows, numbers=()):
-    """Append ``rows`` (as _index_rows gives them, without 'start') and their ``numbers`` to the
-    index in ``trajectory_group`` of the open file ``h5``, making the index if there is none."""
+def _marker_row(run, state, result):
+    """A row that says _FROM_NODES or _REMOVED of a run's ``result`` (bytes)."""
+    return run, state, (result, b"", b"", b"", b"", b"", 0), [0] * _MAX_INDEXED_DIMENSIONS, None
+
+
+def _append_to_index(h5, trajectory_group, rows):
+    """Append ``rows`` (as _index_rows gives them) to the index in ``trajectory_group`` of the open
+    file ``h5``, making the index if there is none and a row holds an item."""
     import tables
 
     if not rows:
         return
     if _INDEX_TABLE in trajectory_group:
-        table = trajectory_group._f_get_child(_INDEX_TABLE)
-        values = trajectory_group._f_get_child(_INDEX_VALUES)
+        kinds, table, values = (trajectory_group._f_get_child(name)
+                                for name in (_INDEX_ITEMS, _INDEX_TABLE, _INDEX_VALUES))
     elif not any(row[1] == _ITEM for row in rows):
         return  # no index to amend
     else:
-        # expectedrows sets the chunks: ~100,000 rows (30,000 runs of three items) each fill a few.
+        # expectedrows sets the chunks: a few kinds of item, ~100,000 rows (30,000 runs of three
+        # items) and their numbers fill a few chunks each.
+        kinds = h5.create_table(trajectory_group, _INDEX_ITEMS, description=_INDEX_ITEM,
+                                expectedrows=100)
         table = h5.create_table(trajectory_group, _INDEX_TABLE, description=_INDEX_ROW,
-                                filters=_index_filters(), expectedrows=100_000)
+                                expectedrows=100_000)
         values = h5.create_earray(trajectory_group, _INDEX_VALUES, atom=tables.Float64Atom(),
-                                  shape=(0,), filters=_index_filters(), expectedrows=1_000_000)
-    start = values.nrows
-    full_rows = []
-    for row in rows:
-        run, state, result, *rest = row
-        if state == _ITEM:
-            *described, length = rest
-            full_rows.append((run, state, result.encode(), *described, start, length))
-            start += length
-        else:
-            full_rows.append((run, state, result.encode(), b"", b"", b"", b"", b"", 0,
-                              [0] * _MAX_INDEXED_DIMENSIONS, 0, 0))
+                                  shape=(0,), expectedrows=1_000_000)
+    known = {kind: number for number, kind in enumerate(kinds.read().tolist())}
+    new_kinds, full_rows, numbers, start = [], [], [], values.nrows
+    for run, state, kind, shape, data in rows:
+        if kind not in known:
+            known[kind] = len(known)
+            new_kinds.append(kind)
+        full_rows.append((run, state, known[kind], shape, start))
+        if data is not None:
+            numbers.append(data)
+            start += data.size
+    if new_kinds:
+        kinds.append(np.array(new_kinds, dtype=_INDEX_ITEM))
     if numbers:
         values.append(np.concatenate(numbers).astype(np.float64))
     table.append(np.array(full_rows, dtype=_INDEX_ROW))
@@ -2402,7 +2416,7 @@ def _removed_from_index(h5, path):
         return []
     place = _place_in_runs(path, trajectory_name)
     if place is not None:
-        return [(place[0], _REMOVED, place[1])]
+        return [_marker_row(place[0], _REMOVED, place[1].encode())]
     runs = f"/{trajectory_name}/results/runs"
     if not (runs.startswith(path + "/") or path == runs or path.startswith(runs + "/")):
         return []  # elsewhere: parameters, derived parameters, ...
@@ -2414,7 +2428,7 @@ def _removed_from_index(h5, path):
         for name in list(group._v_groups):
             place = _place_in_runs(f"{group._v_pathname}/{name}", trajectory_name)
             if place is not None:
-                removed.append((place[0], _REMOVED, ""))
+                removed.append(_marker_row(place[0], _REMOVED, b""))
             elif name.startswith(pypetconstants.SET_NAME) and group._v_pathname == runs:
                 groups.append(group._f_get_child(name))
     return removed
@@ -2569,18 +2583,23 @@ class _RunsReader:
         trajectory = self.h5.get_node(f"/{self.trajectory_name}")
         if _INDEX_TABLE not in trajectory._v_children:
             return
-        table = self.checked(trajectory._f_get_child(_INDEX_TABLE))
-        values = self.checked(trajectory._f_get_child(_INDEX_VALUES))
-        if (not isinstance(table, tables.Table) or table.dtype != _INDEX_ROW
-                or values.dtype != np.float64 or values.ndim != 1):
-            raise self.refused(table, "not brian2pet's index of runs (its columns or values "
+        nodes = [self.child(trajectory, name)
+                 for name in (_INDEX_ITEMS, _INDEX_TABLE, _INDEX_VALUES)]
+        kinds, table, values = nodes
+        if (any(node is None for node in nodes) or not isinstance(kinds, tables.Table)
+                or not isinstance(table, tables.Table) or kinds.dtype != _INDEX_ITEM
+                or table.dtype != _INDEX_ROW or values.dtype != np.float64 or values.ndim != 1):
+            raise self.refused(table, "not brian2pet's index of runs (its nodes, columns or values "
                                       "differ); refused")
+        self.kinds = [self.kind_of_item(kinds, number, kind)
+                      for number, kind in enumerate(kinds.read().tolist())]
         self.rows, self.values = table.read().tolist(), values.read()
-        texts = {}  # bytes: text, each decoded once
-        for number, (run, state, result, item, *_) in enumerate(self.rows):
-            if result not in texts:
-                texts[result] = result.decode()
-            result = texts[result]
+        for number, (run, state, kind, *_) in enumerate(self.rows):
+            if not 0 <= kind < len(self.kinds):
+                raise self.refused(table, f"row {number} names no kind of item; refused")
+            result, item, _, dtype = self.kinds[kind][:4]
+            if state == _ITEM and dtype is None:
+                raise self.refused(table, f"row {number} names an item without numbers; refused")
             if state == _ITEM:
                 self.indexed.setdefault(run, {}).setdefault(result, {})[item] = number
             elif state == _FROM_NODES:
@@ -2593,6 +2612,23 @@ class _RunsReader:
                 self.from_nodes = {(idx, name) for idx, name in self.from_nodes
                                    if idx != run or (result and name != result
                                                      and not name.startswith(within))}
+
+    def kind_of_item(self, kinds, number, kind):
+        """A row of brian2pet_items as (result, item, unit, dtype, collection, scalar type name,
+        dimensions), checked as a node is: it describes numbers, and nothing else."""
+        *texts, ndim = kind
+        try:
+            result, item, unit, dtype, collection, type_name = (text.decode() for text in texts)
+        except UnicodeDecodeError:
+            raise self.refused(kinds, f"row {number} holds text that is not UTF-8; refused"
+                               ) from None
+        if kind[1:] == (b"", b"", b"", b"", b"", 0):  # what a _FROM_NODES or _REMOVED row names
+            return result, "", "", None, "", "", 0
+        if (dtype not in _INDEXED_DTYPES or collection not in _INDEXED_COLLECTIONS
+                or type_name not in _INDEXED_TYPE_NAMES
+                or not 0 <= ndim <= _MAX_INDEXED_DIMENSIONS):
+            raise self.refused(kinds, f"row {number} describes no numbers ({kind}); refused")
+        return result, item, unit, np.dtype(dtype), collection, type_name, ndim
 
     def results(self, run_names, run_groups, names):
         """Whether each run stored any of the results ``names``, and [(label, one cell per run)]
@@ -2658,26 +2694,19 @@ class _RunsReader:
         found = []
         for stored_name in sorted(rows_by_item):  # by name, as pypet named the nodes
             number = rows_by_item[stored_name]
-            (_, _, _, _, unit, dtype, collection, type_name, ndim, shape, start,
-             length) = self.rows[number]
+            _, _, kind, shape, start = self.rows[number]
+            _, _, unit, dtype, collection, type_name, ndim = self.kinds[kind]
             shape = tuple(shape[:ndim])
-            dtype, collection, type_name = dtype.decode(), collection.decode(), type_name.decode()
-            # A row of a file from elsewhere is checked as a node is: numbers only, in the values.
-            if (dtype not in _INDEXED_DTYPES or collection not in _INDEXED_COLLECTIONS
-                    or type_name not in _INDEXED_TYPE_NAMES
-                    or not 0 <= ndim <= _MAX_INDEXED_DIMENSIONS
-                    or min(shape, default=0) < 0 or int(np.prod(shape)) != length
-                    or start < 0 or start + length > len(self.values)):
+            length = int(np.prod(shape))
+            if min(shape, default=0) < 0 or start < 0 or start + length > len(self.values):
                 index = self.h5.get_node(f"/{self.trajectory_name}/{_INDEX_TABLE}")
                 raise self.refused(index, f"row {number} describes no numbers of the index "
-                                          f"({dtype!r}, {collection!r}, {type_name!r}, shape "
-                                          f"{shape}, {start}+{length}); refused")
+                                          f"(shape {shape} from {start}); refused")
             data = self.values[start:start + length].astype(dtype).reshape(shape)
             value = _natively(data[()] if ndim == 0 else data, collection, type_name)
             where = f"{_INDEX_TABLE}, row {number}"
-            stored_name = stored_name.decode()
             if stored_name.endswith(_BRIAN2_VALUE):
-                found.append((stored_name[:-len(_BRIAN2_VALUE)], (value, unit.decode(), where)))
+                found.append((stored_name[:-len(_BRIAN2_VALUE)], (value, unit, where)))
             else:
                 found.append((stored_name, (value, None, where)))
         return found
