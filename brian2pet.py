@@ -1275,6 +1275,7 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         state = super().__getstate__()
         state.pop("_last_checkpoint", None)
         state.pop("_in_store", None)
+        state.pop("_leaf_to_index", None)
         return state
 
     # Runs in sets (see above). pypet finds the HDF5 group of a node of the trajectory by following
@@ -1373,6 +1374,55 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
             target_node = self._file_node(target.v_full_name)
         self._hdf5file.create_soft_link(hdf5_group, link, target_node)
 
+    # The index of runs (section 7.7), written in the same store as what it indexes. pypet stores
+    # every leaf through _prm_store_parameter_or_result, whatever the store (a run's end in this
+    # process, the references that forked workers or SCOOP send back to it, f_store_item, a whole
+    # trajectory), which hands the leaf's items (its _store()) and HDF5 group to
+    # _prm_store_from_dict: a leaf's rows go in once the leaf is stored in full. pypet deletes a
+    # node through _all_delete_parameter_or_result_or_group: the index learns it first (a row that
+    # sends runs_table to the nodes is always right), and the node is looked for in its run's set.
+    # Relies on these three methods' signatures, the same in pypet 0.6.1 and 0.7.0.
+
+    def _prm_store_from_dict(self, fullname, store_dict, hdf5_group, store_flags, kwargs):
+        place = _place_in_runs(hdf5_group._v_pathname, self._trajectory_name)
+        if place is not None and place[1]:
+            # A group that holds items already may hold some the index does not know of (stored
+            # by pypet's own service): then the index sends runs_table to its nodes.
+            items = store_dict if hdf5_group._v_nchildren == 0 else None
+            self._leaf_to_index = (*place, items, store_flags)
+        return super()._prm_store_from_dict(fullname, store_dict, hdf5_group, store_flags, kwargs)
+
+    def _prm_store_parameter_or_result(self, instance, *args, **kwargs):
+        self._leaf_to_index = None
+        super()._prm_store_parameter_or_result(instance, *args, **kwargs)
+        if self._leaf_to_index is not None:
+            run, result, items, flags = self._leaf_to_index
+            self._leaf_to_index = None
+            if (instance.f_get_class_name() not in {cls.__name__ for cls in SAFE_CLASSES}
+                    or not instance.v_annotations.f_is_empty()):
+                items = None  # runs_table must read the node, and check it as check_file does
+            _append_to_index(self._hdf5file, self._trajectory_group,
+                             _index_rows(run, result, items, flags))
+
+    def _all_delete_parameter_or_result_or_group(self, instance, delete_only=None,
+                                                 remove_from_item=False, recursive=False,
+                                                 _hdf5_group=None):
+        if _hdf5_group is None:  # None if missing: pypet's own search then says so
+            _hdf5_group = self._file_node(instance.v_full_name)
+        if _hdf5_group is not None:
+            path = _hdf5_group._v_pathname
+            place = _place_in_runs(path, self._trajectory_name)
+            if delete_only is None:
+                rows = _removed_from_index(self._hdf5file, path)
+            elif place is not None and place[1]:  # some items of a run's result
+                rows = [_marker_row(place[0], _FROM_NODES, place[1].encode())]
+            else:
+                rows = []
+            _append_to_index(self._hdf5file, self._trajectory_group, rows)
+        return super()._all_delete_parameter_or_result_or_group(
+            instance, delete_only=delete_only, remove_from_item=remove_from_item,
+            recursive=recursive, _hdf5_group=_hdf5_group)
+
 
 def _run_index(name):
     """The index of the run a group named ``name`` belongs to (pypet's run_00000042), or None."""
@@ -1442,6 +1492,9 @@ def remove_from_file(filename, paths):
         try:
             with pickles_refused(), tables.open_file(filename, "a") as h5:
                 removed = [held for held in (_held_path(h5, path) for path in paths) if held]
+                for path in removed:  # the index first (section 7.7): it then sends to the nodes
+                    trajectory = h5.get_node("/" + path.strip("/").split("/")[0])
+                    _append_to_index(h5, trajectory, _removed_from_index(h5, path))
                 for path in removed:
                     h5.remove_node(path, recursive=True)
         except (tables.HDF5ExtError, OSError) as error:
@@ -2173,9 +2226,212 @@ def _collecting_only_the_runs_garbage():
 # check_file checks it (section 7.5), inside pickles_refused; unit text is parsed (section 1).
 # What it costs is PyTables' opening of each node, some 0.25 ms here: the benchmark's runs have 8
 # nodes each (the run's group, three results' groups, four items), 2.5 ms a run, 25 s for 10,000.
+# No reading node by node gets near 2 s for 10,000 runs (one node a run already costs 3 s), so
+# CheckpointedHDF5StorageService also writes an index of the runs' numbers, which runs_table reads
+# first, in two reads.
+#
+# The index. As the service stores a leaf inside a run's group, it appends the leaf's numbers, as
+# the leaf gave them to pypet (its _store()), to three plain PyTables nodes in the trajectory's
+# group. pypet's loading walks only the groups under a trajectory's group, so it never sees them:
+#   TRAJ/brian2pet_items   a table (_INDEX_ITEM), a row per kind of item, as the runs share them:
+#                          the result's name relative to the run's group ('statistics.rates'); the
+#                          item's name as pypet stores it ('e__brn2__value'); its unit's text
+#                          (section 1), '' for a plain number; its dtype, number of dimensions, and
+#                          pypet's collection and scalar type (what pypet's attributes
+#                          SRVC_DATA_COLL_TYPE and _SCALAR_TYPE hold)
+#   TRAJ/brian2pet_runs    a table (_INDEX_ROW), a row per item of a run: the run's index, what the
+#                          row says (below), its kind of item (a row of brian2pet_items), its
+#                          shape, and where its numbers start in brian2pet_values
+#   TRAJ/brian2pet_values  a float64 EArray: every row's numbers, flattened, one after another
+# Rows are only appended, and a later row counts over an earlier one. Besides items, a row may say:
+#   _FROM_NODES  read this run's result from its nodes: it holds what the index does not (text, a
+#                pickle, a class or annotation a check must see, more than _MAX_INDEXED_SIZE
+#                numbers, items stored before, items deleted);
+#   _REMOVED     this run's result, group of results ('' : the whole run) left the file: its
+#                earlier rows no longer count (pypet's deletions, remove_from_file, prepare_resume).
+# The rows are written in the leaf's own store, so the marker and the checkpoint (7.2) cover them
+# as the file: a kill takes the file and its index back together. runs_table keeps each item's
+# last row that counts, for runs whose group the file holds, and reads from the nodes any named
+# result that the index lacks for a run (files of pypet, pypet.brian2 or an older brian2pet have
+# no index). The index holds numbers, booleans and numeric arrays of at most _MAX_INDEXED_SIZE
+# elements: what it saves is a fixed ~0.3 ms an item, whatever its size, while runs_table reads it
+# whole whatever the results named, and the copy doubles the item on disk. A thousand numbers (8 KB)
+# keeps a table's cells (counts, rates, a trace, a rate per neuron of a small group) and leaves out
+# the monitors' spikes and traces, which figures read a run at a time.
+# The nodes are not compressed: every store rewrites their last chunk, and a compressed chunk that
+# grows moves, leaving space that HDF5 does not reuse once the file was closed (19 MB for the
+# benchmark's 10,000 runs, with rows that held their texts). Uncompressed, a chunk stays in place.
+# Measured on the benchmark's file (python ../shared/bench/many_runs.py --runs 10000, kept), ...
 
 _BRIAN2_VALUE, _BRIAN2_UNIT = "__brn2__value", "__brn2__unit"  # section 2's item names
 _STORED_COLUMN = "stored"
+_INDEX_ITEMS, _INDEX_TABLE, _INDEX_VALUES = "brian2pet_items", "brian2pet_runs", "brian2pet_values"
+_ITEM, _FROM_NODES, _REMOVED = 0, 1, 2  # what an index row says (its column 'state')
+_MAX_INDEXED_SIZE = 1000
+_MAX_INDEXED_DIMENSIONS = 4
+_INDEX_ITEM = np.dtype([
+    ("result", "S200"), ("item", "S100"), ("unit", "S100"), ("dtype", "S4"),
+    ("collection", "S16"), ("scalar_type", "S16"), ("ndim", "i1"),
+])
+_INDEX_ROW = np.dtype([
+    ("run", "<i8"), ("state", "i1"), ("item", "<i4"), ("shape", "<i4", (_MAX_INDEXED_DIMENSIONS,)),
+    ("start", "<i8"),
+])
+# Numbers that float64 holds exactly, in this machine's byte order: booleans, integers (checked to
+# be within 2**53), floats of up to 64 bits.
+_INDEXED_DTYPES = {np.dtype(code).str for code in "?bBhHiIlLqQefd"}
+_EXACT_INTEGERS = 2 ** 53
+_INDEXED_COLLECTIONS = ("COLL_SCALAR", "COLL_LIST", "COLL_TUPLE", "COLL_NDARRAY")
+# pypet's names of the numeric scalar types ('' : none, for an array)
+_INDEXED_TYPE_NAMES = {"", *(name for name, kind in pypetconstants.PARAMETERTYPEDICT.items()
+                             if issubclass(kind, (int, float, np.bool_, np.integer, np.floating)))}
+
+
+def _place_in_runs(path, trajectory_name):
+    """(run index, name of the result relative to the run's group, '' for the run's group itself)
+    of the HDF5 node ``path`` where runs_table reads runs (TRAJ/results/runs/[SET/]RUN/...), or
+    None elsewhere."""
+    prefix = f"/{trajectory_name}/results/runs/"
+    if not path.startswith(prefix):
+        return None
+    names = path[len(prefix):].split("/")
+    if len(names) > 1 and names[0].startswith(pypetconstants.SET_NAME):
+        names = names[1:]
+    idx = _run_index(names[0])
+    return None if idx is None else (idx, ".".join(names[1:]))
+
+
+def _indexable(value):
+    """(numbers, pypet's collection type, scalar type name) of an item the index holds, or None.
+    The collection and scalar type follow pypet's rules (_all_set_attributes_to_recall_natives in
+    pypet 0.6.1 and 0.7.0), so that reading them gives what reading the item's node gives."""
+    kind = type(value)
+    if kind is np.ndarray:
+        numbers, collection, type_name = value, "COLL_NDARRAY", ""
+    elif kind in (list, tuple):
+        numbers = np.asarray(value)  # as PyTables turns a list into an array
+        collection = "COLL_LIST" if kind is list else "COLL_TUPLE"
+        type_name = type(value[0]).__name__ if value else ""
+        if numbers.ndim != 1:
+            return None
+    elif kind in pypetconstants.PARAMETER_SUPPORTED_DATA:
+        numbers, collection, type_name = np.asarray(value), "COLL_SCALAR", kind.__name__
+    else:
+        return None
+    if (numbers.dtype.str not in _INDEXED_DTYPES or numbers.size > _MAX_INDEXED_SIZE
+            or numbers.ndim > _MAX_INDEXED_DIMENSIONS
+            or type_name not in _INDEXED_TYPE_NAMES):
+        return None
+    if numbers.dtype.kind in "iu" and numbers.size and (
+            numbers.min() < -_EXACT_INTEGERS or numbers.max() > _EXACT_INTEGERS):
+        return None
+    return numbers, collection, type_name
+
+
+def _index_rows(run, result, store_dict, store_flags):
+    """The index rows for the items ``store_dict`` (None: items the index cannot hold) of a run's
+    result, each (run, state, kind of item as a row of brian2pet_items, shape, numbers): a row per
+    item, or one _FROM_NODES row if any item is not indexable."""
+    result = result.encode()
+    from_nodes = [_marker_row(run, _FROM_NODES, result)]
+    if store_dict is None:
+        return from_nodes
+    rows = []
+    for key, value in store_dict.items():
+        unit = ""
+        if key.endswith(_BRIAN2_UNIT):
+            if key[:-len(_BRIAN2_UNIT)] + _BRIAN2_VALUE not in store_dict:
+                return from_nodes  # a unit without its value: as the nodes have it
+            continue
+        if key.endswith(_BRIAN2_VALUE):
+            unit = store_dict.get(key[:-len(_BRIAN2_VALUE)] + _BRIAN2_UNIT)
+            if not isinstance(unit, str):
+                return from_nodes
+        found = None
+        if store_flags.get(key) in (HDF5StorageService.ARRAY, HDF5StorageService.CARRAY,
+                                    HDF5StorageService.EARRAY) and "." not in key:
+            found = _indexable(value)  # other flags: tables, pandas, VLArrays, nested groups
+        if found is None:
+            return from_nodes
+        data, collection, type_name = found
+        kind = (result, key.encode(), unit.encode(), data.dtype.str.encode(), collection.encode(),
+                type_name.encode(), data.ndim)
+        if any(len(text) > _INDEX_ITEM[column].itemsize  # too long for a column: not indexed
+               for text, column in zip(kind[:3], _INDEX_ITEM.names)):
+            return from_nodes
+        shape = list(data.shape) + [0] * (_MAX_INDEXED_DIMENSIONS - data.ndim)
+        rows.append((run, _ITEM, kind, shape, data.reshape(-1)))
+    return rows
+
+
+def _marker_row(run, state, result):
+    """A row that says _FROM_NODES or _REMOVED of a run's ``result`` (bytes)."""
+    return run, state, (result, b"", b"", b"", b"", b"", 0), [0] * _MAX_INDEXED_DIMENSIONS, None
+
+
+def _append_to_index(h5, trajectory_group, rows):
+    """Append ``rows`` (as _index_rows gives them) to the index in ``trajectory_group`` of the open
+    file ``h5``, making the index if there is none and a row holds an item."""
+    import tables
+
+    if not rows:
+        return
+    if _INDEX_TABLE in trajectory_group:
+        kinds, table, values = (trajectory_group._f_get_child(name)
+                                for name in (_INDEX_ITEMS, _INDEX_TABLE, _INDEX_VALUES))
+    elif not any(row[1] == _ITEM for row in rows):
+        return  # no index to amend
+    else:
+        # expectedrows sets the chunks: a few kinds of item, ~100,000 rows (30,000 runs of three
+        # items) and their numbers fill a few chunks each.
+        kinds = h5.create_table(trajectory_group, _INDEX_ITEMS, description=_INDEX_ITEM,
+                                expectedrows=100)
+        table = h5.create_table(trajectory_group, _INDEX_TABLE, description=_INDEX_ROW,
+                                expectedrows=100_000)
+        values = h5.create_earray(trajectory_group, _INDEX_VALUES, atom=tables.Float64Atom(),
+                                  shape=(0,), expectedrows=1_000_000)
+    known = {kind: number for number, kind in enumerate(kinds.read().tolist())}
+    new_kinds, full_rows, numbers, start = [], [], [], values.nrows
+    for run, state, kind, shape, data in rows:
+        if kind not in known:
+            known[kind] = len(known)
+            new_kinds.append(kind)
+        full_rows.append((run, state, known[kind], shape, start))
+        if data is not None:
+            numbers.append(data)
+            start += data.size
+    if new_kinds:
+        kinds.append(np.array(new_kinds, dtype=_INDEX_ITEM))
+    if numbers:
+        values.append(np.concatenate(numbers).astype(np.float64))
+    table.append(np.array(full_rows, dtype=_INDEX_ROW))
+
+
+def _removed_from_index(h5, path):
+    """The _REMOVED rows that removing the HDF5 node ``path`` of an indexed trajectory calls for:
+    the run's result or group below a run, or every run below ``path``."""
+    trajectory_name = path.strip("/").split("/")[0]
+    if (path.strip("/") == trajectory_name
+            or f"/{trajectory_name}/{_INDEX_TABLE}" not in h5):  # the index goes with it, or none
+        return []
+    place = _place_in_runs(path, trajectory_name)
+    if place is not None:
+        return [_marker_row(place[0], _REMOVED, place[1].encode())]
+    runs = f"/{trajectory_name}/results/runs"
+    if not (runs.startswith(path + "/") or path == runs or path.startswith(runs + "/")):
+        return []  # elsewhere: parameters, derived parameters, ...
+    below = runs if runs.startswith(path + "/") else path
+    removed = []
+    groups = [h5.get_node(below)] if below in h5 else []
+    while groups:
+        group = groups.pop()
+        for name in list(group._v_groups):
+            place = _place_in_runs(f"{group._v_pathname}/{name}", trajectory_name)
+            if place is not None:
+                removed.append(_marker_row(place[0], _REMOVED, b""))
+            elif name.startswith(pypetconstants.SET_NAME) and group._v_pathname == runs:
+                groups.append(group._f_get_child(name))
+    return removed
 
 
 def runs_table(filename, trajectory_name, results=()):
@@ -2194,11 +2450,17 @@ def runs_table(filename, trajectory_name, results=()):
     A Brian2 quantity's label ends with its unit in SI, as Brian2's get_unit writes it, and its
     cells hold the numbers in that unit, as stored: 'model.tau (s)', 'statistics.rates.e (Hz)'.
     Arrays, lists and a table's columns go into cells as they are. Reads files written by brian2pet
-    (runs in pypet's run sets) and by pypet or pypet.brian2 (runs side by side), and never unpickles
-    or evaluates anything: every node it reads is checked as check_file checks it. Raises
-    FileRefused in one line naming the file and the node for a file that fails the check, and
-    ValueError for a name in ``results`` that names a group of results rather than one.
+    (runs in pypet's run sets, and an index of their numbers that makes reading fast) and by pypet
+    or pypet.brian2 (runs side by side), and never unpickles or evaluates anything: every node it
+    reads is checked as check_file checks it. Raises FileRefused in one line naming the file and the
+    node for a file that fails the check, and ValueError for a name in ``results`` that names a
+    group of results rather than one.
     """
+    return _runs_table(filename, trajectory_name, results)
+
+
+def _runs_table(filename, trajectory_name, results, use_index=True):
+    # use_index=False: every result from its nodes, as for a file without an index (for tests)
     import pandas
     import tables
 
@@ -2212,7 +2474,9 @@ def runs_table(filename, trajectory_name, results=()):
             columns = [reader.explored_values(name, len(run_names))
                        for name in _explored_names(overview)]
             run_groups = reader.run_groups()
-            stored, found = reader.results([run_groups.get(run) for run in run_names], names)
+            if use_index:
+                reader.read_index()
+            stored, found = reader.results(run_names, run_groups, names)
     except (tables.HDF5ExtError, OSError) as error:
         raise FileRefused(
             f"{filename}: damaged, HDF5 cannot read it: {_hdf5_reason(error)}"
@@ -2250,16 +2514,20 @@ class _RunsReader:
     def __init__(self, h5, filename, trajectory_name):
         self.h5, self.filename, self.trajectory_name = h5, filename, trajectory_name
         self.unit_labels = {}  # unit text: its label
+        self.indexed = {}  # run index: {result name: {item name as stored: index row}}
+        self.from_nodes = set()  # (run index, result name) that the index sends to the nodes
+
+    def refused(self, node, problem):
+        # An item of a container is reported by the container's name.
+        named = node._v_parent if "SRVC_LEAF" in node._v_parent._v_attrs else node
+        where = named._v_pathname[len(self.trajectory_name) + 2:].replace("/", ".")
+        return FileRefused(f"{self.filename}: {self.trajectory_name}.{where}: {problem}")
 
     def checked(self, node):
         """``node``, unless check_file would refuse it: then FileRefused, as check_file words it."""
         problem = _unsafe_node(node)
         if problem:
-            # An item of a container is reported by the container's name.
-            named = node._v_parent if "SRVC_LEAF" in node._v_parent._v_attrs else node
-            where = named._v_pathname[len(self.trajectory_name) + 2:].replace("/", ".")
-            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{where}: {problem}; "
-                              f"refused (it could run code)")
+            raise self.refused(node, f"{problem}; refused (it could run code)")
         return node
 
     def child(self, group, name):
@@ -2283,8 +2551,14 @@ class _RunsReader:
 
     def explored_values(self, full_name, n_runs):
         """(label, the explored values of parameter ``full_name``, one per run)."""
-        group = self.checked(self.h5.get_node(f"/{self.trajectory_name}/" +
-                                              full_name.replace(".", "/")))
+        path = f"/{self.trajectory_name}/" + full_name.replace(".", "/")
+        if path not in self.h5:
+            # e.g. an exploration that failed before pypet stored its parameters: the overview
+            # names them, the file holds none. No table of runs without what they explored.
+            raise FileRefused(f"{self.filename}: {self.trajectory_name}.{full_name}: explored, "
+                              f"but the file holds no such parameter (was the trajectory stored "
+                              f"in full?)")
+        group = self.checked(self.h5.get_node(path))
         label = full_name.split(".", 1)[1] if full_name.startswith("parameters.") else full_name
         brian2 = self.child(group, "explored_data__brn2__")
         table = brian2 if brian2 is not None else self.child(group, "explored_data")
@@ -2301,27 +2575,90 @@ class _RunsReader:
                               f"{len(values)} explored values for {n_runs} runs")
         return label, values
 
-    def results(self, run_places, names):
+    def read_index(self):
+        """Read the trajectory's index of runs, if it has one (see the comment above runs_table):
+        which items of which runs' results it holds, and their values."""
+        import tables
+
+        trajectory = self.h5.get_node(f"/{self.trajectory_name}")
+        if _INDEX_TABLE not in trajectory._v_children:
+            return
+        nodes = [self.child(trajectory, name)
+                 for name in (_INDEX_ITEMS, _INDEX_TABLE, _INDEX_VALUES)]
+        kinds, table, values = nodes
+        if (any(node is None for node in nodes) or not isinstance(kinds, tables.Table)
+                or not isinstance(table, tables.Table) or kinds.dtype != _INDEX_ITEM
+                or table.dtype != _INDEX_ROW or values.dtype != np.float64 or values.ndim != 1):
+            raise self.refused(table, "not brian2pet's index of runs (its nodes, columns or values "
+                                      "differ); refused")
+        self.kinds = [self.kind_of_item(kinds, number, kind)
+                      for number, kind in enumerate(kinds.read().tolist())]
+        self.rows, self.values = table.read().tolist(), values.read()
+        for number, (run, state, kind, *_) in enumerate(self.rows):
+            if not 0 <= kind < len(self.kinds):
+                raise self.refused(table, f"row {number} names no kind of item; refused")
+            result, item, _, dtype = self.kinds[kind][:4]
+            if state == _ITEM and dtype is None:
+                raise self.refused(table, f"row {number} names an item without numbers; refused")
+            if state == _ITEM:
+                self.indexed.setdefault(run, {}).setdefault(result, {})[item] = number
+            elif state == _FROM_NODES:
+                self.from_nodes.add((run, result))
+            elif state == _REMOVED:
+                within = result + "."
+                kept = {name: items for name, items in self.indexed.get(run, {}).items()
+                        if result and name != result and not name.startswith(within)}
+                self.indexed[run] = kept
+                self.from_nodes = {(idx, name) for idx, name in self.from_nodes
+                                   if idx != run or (result and name != result
+                                                     and not name.startswith(within))}
+
+    def kind_of_item(self, kinds, number, kind):
+        """A row of brian2pet_items as (result, item, unit, dtype, collection, scalar type name,
+        dimensions), checked as a node is: it describes numbers, and nothing else."""
+        *texts, ndim = kind
+        try:
+            result, item, unit, dtype, collection, type_name = (text.decode() for text in texts)
+        except UnicodeDecodeError:
+            raise self.refused(kinds, f"row {number} holds text that is not UTF-8; refused"
+                               ) from None
+        if kind[1:] == (b"", b"", b"", b"", b"", 0):  # what a _FROM_NODES or _REMOVED row names
+            return result, "", "", None, "", "", 0
+        if (dtype not in _INDEXED_DTYPES or collection not in _INDEXED_COLLECTIONS
+                or type_name not in _INDEXED_TYPE_NAMES
+                or not 0 <= ndim <= _MAX_INDEXED_DIMENSIONS):
+            raise self.refused(kinds, f"row {number} describes no numbers ({kind}); refused")
+        return result, item, unit, np.dtype(dtype), collection, type_name, ndim
+
+    def results(self, run_names, run_groups, names):
         """Whether each run stored any of the results ``names``, and [(label, one cell per run)]
-        (``run_places``: each run's (group, name) in the file, or None). A cell is _MISSING where
+        (``run_groups``: {run name: its (group, name)} in the file). A cell is _MISSING where
         a run has no such result; a name that no run has gets one column, all _MISSING."""
-        stored = np.zeros(len(run_places), dtype=bool)
+        stored = np.zeros(len(run_names), dtype=bool)
         columns = {name: {} for name in names}
-        for idx, place in enumerate(run_places):
-            run = None if place is None else self.child(*place)
+        for idx, run_name in enumerate(run_names):
+            place, run = run_groups.get(run_name), None  # the run's group, opened if need be
+            if place is None:
+                continue  # nothing stored; rows of the index for it no longer count
+            indexed = self.indexed.get(idx, {})
             for name in names:
-                result = None if run is None else self.result_group(run, name)
-                if result is None:
-                    continue
+                if name in indexed and (idx, name) not in self.from_nodes:
+                    items = self.indexed_items(indexed[name])
+                else:
+                    run = self.child(*place) if run is None else run
+                    result = self.result_group(run, name)
+                    if result is None:
+                        continue
+                    items = self.items(result)
                 stored[idx] = True
-                for item, (value, unit, node) in self.items(result).items():
+                for item, (value, unit, source) in items:
                     label = name if item == name.rsplit(".", 1)[-1] else f"{name}.{item}"
                     if unit is not None:
-                        label = self.labelled(label, unit, node)
-                    columns[name].setdefault(label, [_MISSING] * len(run_places))[idx] = value
+                        label = self.labelled(label, unit, source)
+                    columns[name].setdefault(label, [_MISSING] * len(run_names))[idx] = value
         found = []
         for name in names:
-            found.extend(columns[name].items() or [(name, [_MISSING] * len(run_places))])
+            found.extend(columns[name].items() or [(name, [_MISSING] * len(run_names))])
         return stored, found
 
     def result_group(self, run, name):
@@ -2338,8 +2675,8 @@ class _RunsReader:
         return group
 
     def items(self, result):
-        """{item name: (value, unit text or None, its node)} of a result's group, by name."""
-        found = {}
+        """[(item name, (value, unit text or None, its node))] of a result's group, by name."""
+        found = []
         for leaf_name in sorted(result._v_children):  # groups and links too: the check refuses them
             leaf = self.child(result, leaf_name)
             if leaf_name.endswith(_BRIAN2_UNIT):
@@ -2347,19 +2684,42 @@ class _RunsReader:
             if leaf_name.endswith(_BRIAN2_VALUE):
                 item = leaf_name[:-len(_BRIAN2_VALUE)]
                 unit = self.child(result, item + _BRIAN2_UNIT)
-                found[item] = (_read_item(leaf), unit and _read_item(unit), unit)
+                found.append((item, (_read_item(leaf), unit and _read_item(unit), unit)))
             else:
-                found[leaf_name] = (_read_item(leaf), None, leaf)
+                found.append((leaf_name, (_read_item(leaf), None, leaf)))
         return found
 
-    def labelled(self, label, unit_text, node):
-        """``label`` with the SI unit of ``unit_text`` (read from ``node``) in brackets, or none
-        for a plain number."""
+    def indexed_items(self, rows_by_item):
+        """As items() gives them, from the index: {item name as stored: row number}."""
+        found = []
+        for stored_name in sorted(rows_by_item):  # by name, as pypet named the nodes
+            number = rows_by_item[stored_name]
+            _, _, kind, shape, start = self.rows[number]
+            _, _, unit, dtype, collection, type_name, ndim = self.kinds[kind]
+            shape = tuple(shape[:ndim])
+            length = int(np.prod(shape))
+            if min(shape, default=0) < 0 or start < 0 or start + length > len(self.values):
+                index = self.h5.get_node(f"/{self.trajectory_name}/{_INDEX_TABLE}")
+                raise self.refused(index, f"row {number} describes no numbers of the index "
+                                          f"(shape {shape} from {start}); refused")
+            data = self.values[start:start + length].astype(dtype).reshape(shape)
+            value = _natively(data[()] if ndim == 0 else data, collection, type_name)
+            where = f"{_INDEX_TABLE}, row {number}"
+            if stored_name.endswith(_BRIAN2_VALUE):
+                found.append((stored_name[:-len(_BRIAN2_VALUE)], (value, unit, where)))
+            else:
+                found.append((stored_name, (value, None, where)))
+        return found
+
+    def labelled(self, label, unit_text, source):
+        """``label`` with the SI unit of ``unit_text`` (read from ``source``, a node or a place in
+        the index) in brackets, or none for a plain number."""
         if unit_text not in self.unit_labels:
             try:
                 dimensions = get_dimensions(unit_from_expression(unit_text))
             except (TypeError, ValueError) as error:
-                where = node._v_pathname[len(self.trajectory_name) + 2:].replace("/", ".")
+                where = (source if isinstance(source, str) else
+                         source._v_pathname[len(self.trajectory_name) + 2:].replace("/", "."))
                 raise FileRefused(f"{self.filename}: {self.trajectory_name}.{where}: {error}"
                                   ) from None
             self.unit_labels[unit_text] = (
@@ -2383,13 +2743,17 @@ def _read_item(leaf):
 
 def _native(data, node, prefix, many=False):
     """``data`` read from ``node`` as the Python type that pypet stored it from (its attributes
-    PREFIX COLL_TYPE and SCALAR_TYPE): text comes back as str, a scalar as a scalar, a list as a
-    list. ``many``: a table's column, one value per row."""
+    PREFIX COLL_TYPE and SCALAR_TYPE). ``many``: a table's column, one value per row."""
     if many:
         return [_native(value, node, prefix) for value in data]
     attributes = node._v_attrs
-    collection = str(getattr(attributes, prefix + "COLL_TYPE", ""))
-    type_name = str(getattr(attributes, prefix + "SCALAR_TYPE", ""))
+    return _natively(data, str(getattr(attributes, prefix + "COLL_TYPE", "")),
+                     str(getattr(attributes, prefix + "SCALAR_TYPE", "")))
+
+
+def _natively(data, collection, type_name):
+    """``data`` as the Python type pypet stored it from, given pypet's collection type and scalar
+    type name: text comes back as str, a scalar as a scalar, a list as a list."""
     as_type = str if type_name == "str" else pypetconstants.PARAMETERTYPEDICT.get(type_name)
     if collection == "COLL_SCALAR":
         return _as_type(data.item() if isinstance(data, np.ndarray) else data, as_type)

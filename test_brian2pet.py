@@ -4229,10 +4229,17 @@ TABLE_LABELS = {
 }
 
 
-def explore_for_a_table(filename, writer, service):
+FORKED_WORKERS = dict(multiproc=True, ncores=2, use_pool=False, wrap_mode="LOCAL")
+
+
+def explore_for_a_table(filename, writer, service, processes=None):
+    """``processes``: pypet's options for forked workers, whose results the main process stores
+    (brian2pet's ForkingEnvironment); by default one process."""
     classes = TABLE_CLASSES[writer]
-    env = Environment(trajectory="table", filename=filename, multiproc=False, log_config=None,
-                      report_progress=False, add_time=False, storage_service=service)
+    environment = brian2pet.ForkingEnvironment if processes else Environment
+    env = environment(trajectory="table", filename=filename, log_config=None,
+                      report_progress=False, add_time=False, storage_service=service,
+                      **(processes or dict(multiproc=False)))
     traj = env.trajectory
     traj.f_add_parameter(classes["Parameter"], "model.tau", 10 * ms)
     traj.f_add_parameter("model.n", 1)
@@ -4250,15 +4257,35 @@ def as_si(value):
     return numbers.item() if numbers.ndim == 0 else numbers
 
 
-@pytest.mark.parametrize("writer, service", [
-    ("brian2pet", brian2pet.CheckpointedHDF5StorageService),  # runs in sets
-    ("brian2pet", HDF5StorageService),  # runs side by side
-    ("pypet.brian2.parameter", HDF5StorageService),
-], ids=["brian2pet-run-sets", "brian2pet-pypet-layout", "pypet.brian2"])
-def test_runs_table_equals_what_load_trajectory_loads(tmp_path, writer, service):
+def read_through_the_index_and_the_nodes(filename, trajectory_name, results):
+    """runs_table, which reads what brian2pet's index holds from it (section 7.7), after checking
+    that it equals the table read from the runs' nodes alone: labels, values, pandas' dtypes, and
+    each cell's Python type, dtype and shape."""
+    import pandas
+
+    table = brian2pet.runs_table(filename, trajectory_name, results)
+    from_nodes = brian2pet._runs_table(filename, trajectory_name, results, use_index=False)
+    pandas.testing.assert_frame_equal(table, from_nodes)
+    for label in from_nodes.columns:
+        for idx, (cell, expected) in enumerate(zip(table[label], from_nodes[label])):
+            assert type(cell) is type(expected), (label, idx, cell, expected)
+            np.testing.assert_equal(cell, expected, err_msg=f"{label}, run {idx}")
+            if isinstance(expected, np.ndarray):
+                assert (cell.dtype, cell.shape) == (expected.dtype, expected.shape), (label, idx)
+    return table
+
+
+@pytest.mark.parametrize("writer, service, processes", [
+    ("brian2pet", brian2pet.CheckpointedHDF5StorageService, None),  # runs in sets, an index
+    ("brian2pet", brian2pet.CheckpointedHDF5StorageService, FORKED_WORKERS),
+    ("brian2pet", HDF5StorageService, None),  # runs side by side
+    ("pypet.brian2.parameter", HDF5StorageService, None),
+], ids=["brian2pet-run-sets", "brian2pet-forked-workers", "brian2pet-pypet-layout",
+        "pypet.brian2"])
+def test_runs_table_equals_what_load_trajectory_loads(tmp_path, writer, service, processes):
     filename = str(tmp_path / "table.hdf5")
-    explore_for_a_table(filename, writer, service)
-    table = brian2pet.runs_table(filename, "table", results=TABLE_RESULTS)
+    explore_for_a_table(filename, writer, service, processes)
+    table = read_through_the_index_and_the_nodes(filename, "table", TABLE_RESULTS)
     assert list(table.columns) == ["stored", *TABLE_LABELS] and list(table.index) == [0, 1, 2]
     assert table.index.name == "run" and list(table["stored"]) == [True, False, True]
     # The oracle: pypet's own loading, with the containers' classes.
@@ -4386,6 +4413,167 @@ def test_a_file_pypet_began_goes_on_in_its_layout_and_remove_from_file_finds_run
     with tables.open_file(filename) as h5:
         assert [group._v_name for group in h5.walk_groups("/small/results/runs")] == [
             "runs", "run_set_00000"]
+
+
+# The index of runs (section 7.7): runs_table reads what brian2pet's service indexed without
+# opening the runs' nodes, and reads the same table as from the nodes however the runs were stored,
+# removed, deleted or stored again.
+
+BENCH_RESULTS = ["count", "rate", "trace"]
+
+
+def stores_as_the_benchmark(traj):
+    """What a run of issue 23's benchmark stores: a count, a rate with its unit, a trace."""
+    traj.f_add_result("count", traj.x * 2)
+    traj.f_add_result(Brian2Result, "rate", traj.x * Hz)
+    traj.f_add_result("trace", np.arange(50.0) + traj.x)
+
+
+def explore_as_the_benchmark(filename, runs, run=stores_as_the_benchmark, processes=None):
+    environment = brian2pet.ForkingEnvironment if processes else Environment
+    env = environment(trajectory="bench", filename=filename, log_config=None,
+                      report_progress=False, add_time=False,
+                      storage_service=brian2pet.CheckpointedHDF5StorageService,
+                      **(processes or dict(multiproc=False)))
+    env.trajectory.f_add_parameter("x", 0)
+    env.trajectory.f_explore({"x": list(range(runs))})
+    env.run(run)
+
+
+@pytest.mark.parametrize("processes", [None, FORKED_WORKERS], ids=["one-process", "forked-workers"])
+def test_runs_table_opens_no_runs_node_when_the_index_holds_every_named_result(tmp_path,
+                                                                               monkeypatch,
+                                                                               processes):
+    # Opening nodes is what reading runs costs. Runs stored at their end in one process, or by the
+    # main process from what forked workers send it: either way the index holds their numbers.
+    filename = str(tmp_path / "bench.hdf5")
+    explore_as_the_benchmark(filename, 6, processes=processes)
+    opened = []
+    load_child = tables.group.RootGroup._g_load_child
+
+    def recorded(root, name):  # PyTables makes here every node a file opens
+        opened.append(name)
+        return load_child(root, name)
+
+    monkeypatch.setattr(tables.group.RootGroup, "_g_load_child", recorded)
+    table = brian2pet.runs_table(filename, "bench", BENCH_RESULTS)
+    assert opened and not [path for path in opened if "/run_0" in path]
+    brian2pet._runs_table(filename, "bench", BENCH_RESULTS, use_index=False)
+    assert len([path for path in opened if "/run_0" in path]) >= 6 * 5  # a group, 3 results, ...
+    monkeypatch.undo()
+    assert list(table.columns) == ["stored", "x", "count", "rate (Hz)", "trace"]
+    assert list(table["count"]) == [2 * x for x in range(6)]
+    assert list(table["rate (Hz)"]) == [float(x) for x in range(6)]
+    for x, trace in enumerate(table["trace"]):
+        np.testing.assert_array_equal(trace, np.arange(50.0) + x)
+    read_through_the_index_and_the_nodes(filename, "bench", BENCH_RESULTS)
+
+
+def stores_deletes_and_stores_again(traj):
+    stores_as_the_benchmark(traj)
+    if traj.v_idx == 0:  # stored, changed, and stored again over the first
+        again = traj.f_add_result("again", 1)
+        traj.f_store_item(again)
+        again.f_set(again=5)
+        traj.f_store_item(again, overwrite=True)
+    if traj.v_idx == 2:  # stored, then deleted by pypet, found in its run's set
+        extra = traj.f_add_result("extra", 3)
+        traj.f_store_item(extra)
+        traj.f_delete_item(extra, remove_from_trajectory=True)
+    if traj.v_idx == 3:  # one of its items deleted
+        pair = traj.f_add_result("pair", a=1, b=2)
+        traj.f_store_item(pair)
+        traj.f_delete_item(pair, delete_only=["b"], remove_from_item=True)
+
+
+def test_the_index_follows_what_the_file_holds_when_runs_are_removed_and_stored_again(tmp_path):
+    # Whatever left the file never comes back from the index: results pypet deleted or stored
+    # over within a run; a run removed (as prepare_resume removes the runs a resume redoes) and
+    # stored again with fewer results; one result of a run removed.
+    filename = str(tmp_path / "bench.hdf5")
+    results = [*BENCH_RESULTS, "again", "extra", "pair"]
+    explore_as_the_benchmark(filename, 4, stores_deletes_and_stores_again)
+    table = read_through_the_index_and_the_nodes(filename, "bench", results)
+    assert table["again"][0] == 5 and table["extra"].isna().all()
+    assert table["pair.a"][3] == 1 and "pair.b" not in table.columns
+    assert brian2pet.remove_from_file(filename, ["/bench/results/runs/run_00000001",
+                                                 "/bench/results/runs/run_00000002/trace"]) == [
+        "/bench/results/runs/run_set_00000/run_00000001",
+        "/bench/results/runs/run_set_00000/run_00000002/trace"]
+    table = read_through_the_index_and_the_nodes(filename, "bench", results)
+    assert list(table["stored"]) == [True, False, True, True]
+    assert np.isnan(table["count"][1]) and table["trace"][1] is None and table["trace"][2] is None
+    traj = load_trajectory("bench", filename=filename, load_all=2, dynamic_imports=[Brian2Result],
+                           storage_service=brian2pet.CheckpointedHDF5StorageService)
+    traj.f_store_item(traj.f_add_result("results.runs.run_00000001.count", 100))
+    table = read_through_the_index_and_the_nodes(filename, "bench", results)
+    assert list(table["stored"]) == [True, True, True, True]
+    assert table["count"][1] == 100 and np.isnan(table["rate (Hz)"][1])
+    assert table["trace"][1] is None  # the removed run's trace stays removed
+    np.testing.assert_array_equal(table["trace"][3], np.arange(50.0) + 3)
+
+
+def pickled_attribute_on_the_index(h5, trajectory, marker):
+    trajectory._f_get_child("brian2pet_runs")._v_attrs.note = Payload(marker)
+
+
+def values_as_an_object_vlarray(h5, trajectory, marker):
+    trajectory._f_get_child("brian2pet_values")._f_remove()
+    h5.create_vlarray(trajectory, "brian2pet_values", tables.ObjectAtom()).append(Payload(marker))
+
+
+def row_beyond_the_values(h5, trajectory, marker):
+    trajectory._f_get_child("brian2pet_runs").modify_column(2, 3, column=[10 ** 6],
+                                                           colname="start")
+
+
+def item_of_python_objects(h5, trajectory, marker):
+    trajectory._f_get_child("brian2pet_items").modify_column(0, 1, column=[b"|O8"],
+                                                            colname="dtype")
+
+
+@pytest.mark.parametrize("craft, node, checked", [
+    (pickled_attribute_on_the_index, "brian2pet_runs", True),
+    (values_as_an_object_vlarray, "brian2pet_values", True),
+    (row_beyond_the_values, "brian2pet_runs", False),
+    (item_of_python_objects, "brian2pet_items", False),
+], ids=["pickled-attribute", "object-vlarray", "row-beyond-the-values", "item-of-objects"])
+def test_a_crafted_index_is_refused_in_one_line_and_runs_nothing(tmp_path, craft, node, checked):
+    filename = str(tmp_path / "bench.hdf5")
+    marker = tmp_path / "payload-ran"
+    explore_as_the_benchmark(filename, 3)
+    with tables.open_file(filename, "a") as h5:
+        craft(h5, h5.get_node("/bench"), marker)
+    assert not marker.exists()
+    with pytest.raises(brian2pet.FileRefused) as refused:
+        brian2pet.runs_table(filename, "bench", BENCH_RESULTS)
+    message = str(refused.value)
+    assert message.count("\n") == 0 and f"{filename}: bench.{node}:" in message
+    assert "refused" in message and not marker.exists()
+    if checked:  # a node that no check may pass, read or not
+        with pytest.raises(brian2pet.FileRefused, match=f"bench.{node}:"):
+            brian2pet.load_nodes(filename, "bench", ("parameters", "results"))
+    else:  # rows that only the index's reader reads; pypet never sees the index
+        assert brian2pet.load_nodes(filename, "bench", ("results",)).f_get(
+            "results.runs.run_set_00000.run_00000002.count").count == 4
+    assert not marker.exists()
+
+
+def test_runs_table_of_an_exploration_whose_parameters_were_never_stored(tmp_path):
+    # pypet names the explored parameters in the file's overview before it stores them: a value
+    # that HDF5 cannot hold fails the store, and leaves a parameter named but not in the file.
+    filename = str(tmp_path / "failed.hdf5")
+    env = Environment(trajectory="failed", filename=filename, multiproc=False, log_config=None,
+                      report_progress=False, add_time=False,
+                      storage_service=brian2pet.CheckpointedHDF5StorageService)
+    env.trajectory.f_add_parameter("x", 0)
+    env.trajectory.f_explore({"x": [1, 2 ** 70]})
+    with pytest.raises((OverflowError, TypeError)):  # as PyTables and numpy convert 2 ** 70
+        env.run(stores_as_the_benchmark)
+    with pytest.raises(brian2pet.FileRefused) as refused:
+        brian2pet.runs_table(filename, "failed", BENCH_RESULTS)
+    message = str(refused.value)
+    assert message.count("\n") == 0 and message.startswith(f"{filename}: failed.parameters.x: ")
 
 
 # Runs without Linux-only calls
