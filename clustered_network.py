@@ -1059,7 +1059,7 @@ MONITORS = ("monitors.spikes_e", "monitors.V", "monitors.I_syn_e", "monitors.I_s
 
 def runs_with(table, label):
     """The rows of ``table`` (a runs_table) whose cell ``label`` holds something: the runs that
-    stored that result item. None if no run stored it."""
+    stored that result item (none when no run did, and the table has no such column)."""
     return table[table[label].notna()] if label in table else table.iloc[:0]
 
 
@@ -1128,17 +1128,15 @@ def stimulus_rows(table, trial_ff):
     rows = []
     for strength, trials in runs_with(table, "statistics.quenching.onset (s)").groupby(
             "stimulus.strength"):
-        before, after = around_onset(*trial_ff[strength])
-        rows.append({
-            "strength": strength, "trials": len(trials),
-            "windows": trials.iloc[0]["statistics.quenching.window (s)"],
-            **{f"{what}_{period}": np.mean(np.stack(trials[f"statistics.quenching.{what}_{period}"
-                                                           + unit]), axis=0)
-               for what, unit in (("rate", " (Hz)"), ("ff", "")) for period in
-               ("spontaneous", "stimulus")},
-            "ff_trials_before": before, "ff_trials_after": after,
-            "clusters": list(trials.iloc[0]["statistics.quenching.clusters"]),
-        })
+        row = {"strength": strength, "trials": len(trials),
+               "windows": trials.iloc[0]["statistics.quenching.window (s)"],
+               "clusters": list(trials.iloc[0]["statistics.quenching.clusters"])}
+        for period in ("spontaneous", "stimulus"):
+            row[f"rate_{period}"] = trials[f"statistics.quenching.rate_{period} (Hz)"].mean()
+            row[f"ff_{period}"] = np.mean(np.stack(trials[f"statistics.quenching.ff_{period}"]),
+                                          axis=0)
+        row["ff_trials_before"], row["ff_trials_after"] = around_onset(*trial_ff[strength])
+        rows.append(row)
     return rows
 
 
@@ -1469,7 +1467,7 @@ class RunsSaid:
         self._runs_here += 1
         cancelled = f"results.runs.{traj.v_crun}.statistics.pathological"
         why = f"; {traj.f_get(cancelled).reason}" if traj.f_contains(cancelled) else ""
-        say(f"{run} done in {time.time() - started:.0f} s on {socket.gethostname()}: "
+        say(f"{run} done in {time.time() - started:.1f} s on {socket.gethostname()}: "
             f"{explored_text(traj)}{why}")
 
     def pre_build(self, traj):

@@ -3092,7 +3092,7 @@ def test_sweep_across_two_hosts_stores_the_same_numbers(reference_numbers, two_h
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_numbers(stored_numbers(str(out / cn.HDF5_NAME)), reference_numbers)
     assert_every_run_completed(out / cn.HDF5_NAME)
-    ran_on = re.findall(r"^run \d+/\d+ done in \d+ s on (\S+):", done.stdout, re.MULTILINE)
+    ran_on = re.findall(r"^run \d+/\d+ done in [\d.]+ s on (\S+):", done.stdout, re.MULTILINE)
     assert len(ran_on) >= len(R_TINY)
     assert two_hosts.names[1] in ran_on, ran_on  # at least one run on the second host
 
