@@ -2297,21 +2297,26 @@ def test_standalone_under_scoop_a_pre_build_that_differs_between_processes_fails
 
 
 # -------------------------------------------------------------------------------------------------
-# The example, clustered_network.py, on a tiny network (numpy target, short runs).
-# One tiny sweep is simulated once per session (fixture ``reference``); the tests for several
-# processes, SCOOP and resume simulate the same sweep their way and must store exactly its numbers.
+# The example, clustered_network.py, on a tiny network (short runs).
+# The tiny experiments are simulated once per session (fixture ``reference``); the tests for several
+# processes, SCOOP and resume simulate them their way and must store exactly its numbers.
 # -------------------------------------------------------------------------------------------------
 
 # The connectivity test builds objects that it never simulates; Brian2 would warn at exit.
 cn.BrianLogger.suppress_name("unused_brian_object")
 SCRIPT = os.path.join(HERE, "clustered_network.py")
 # 400 E / 100 I neurons (5 clusters). Both experiments: the sweep, three runs of 0.4 s simulated
-# each; the stimulus experiment, a pre-run of 0.1 s and two runs of 0.3 + 0.3 s (2 clusters driven).
-# On the script's default target, cython (compiled once into Brian2's cache): the path users take.
+# each; the stimulus experiment, a pre-run of 0.1 s and four runs of 0.3 + 0.3 s (2 clusters driven,
+# 2 strengths x 2 trials). On the script's default target, cython (compiled once into Brian2's
+# cache): the path users take.
 TINY = ["--scale", "0.1", "--r-ee", "1.0", "2.5", "3.0", "--initial", "0.1", "--measure", "0.3",
-        "--seed", "3", "--period", "0.3", "--strengths", "0", "0.3", "--stimulus-clusters", "2"]
+        "--seed", "3", "--period", "0.3", "--strengths", "0", "0.3", "--stimulus-clusters", "2",
+        "--trials", "2"]
 R_TINY = [1.0, 2.5, 3.0]
 STRENGTHS_TINY = [0.0, 0.3]
+TRIALS_TINY = 2
+STIMULUS_RUNS_TINY = len(STRENGTHS_TINY) * TRIALS_TINY
+EXPERIMENT_NAMES = (cn.SWEEP, cn.STIMULUS)
 
 
 def run_script(*args, timeout=300, **kwargs):
@@ -2321,12 +2326,23 @@ def run_script(*args, timeout=300, **kwargs):
     )
 
 
+def load_experiment(filename, name=cn.SWEEP):
+    """An experiment of the example's file, with its parameters and runs' results, loaded safely."""
+    return brian2pet.load_nodes(str(filename), name, ("parameters", "results.runs"))
+
+
+def run_indices(filename, name=cn.SWEEP, result="statistics.rates"):
+    """Indices of the runs of experiment ``name`` that stored ``result``."""
+    table = brian2pet.runs_table(str(filename), name, [result])
+    return list(table.index[table["stored"]])
+
+
 def stored_numbers(filename):
     """Every result item of every run of both experiments, by trajectory and full name: what must
     not change between ways of running."""
     numbers = {}
-    for name in cn.check_sweep_file(filename):
-        traj = cn.load_sweep(filename, name)
+    for name in cn.check_experiments_file(filename):
+        traj = load_experiment(filename, name)
         for result in traj.f_iter_leaves():
             if not result.v_full_name.startswith("results."):
                 continue
@@ -2394,29 +2410,54 @@ def test_cluster_labels_and_probabilities():
     np.testing.assert_array_equal(cn.cluster_labels(200, 80), [0] * 80 + [1] * 80 + [2] * 40)
     p_in, p_out = cn.cluster_probabilities(2.5, 4000, 80, 0.2)
     assert p_in == pytest.approx(2.5 * p_out)
-    # The mean in-degree stays K = 0.2 * N_e whatever R_ee.
+    # The mean in-degree stays K = 0.2 * N_E whatever R_EE.
     assert 80 * p_in + (4000 - 80) * p_out == pytest.approx(800)
     assert cn.cluster_probabilities(1.0, 4000, 80, 0.2) == pytest.approx((0.2, 0.2))
 
 
-def test_weights_are_the_papers():
-    from brian2 import ms
-
+def test_weights_are_the_papers_at_full_scale_and_scale_as_one_over_sqrt_k():
+    # The paper's J values (target first: J_IE is E to I), to its two significant digits.
     weights = cn.synaptic_weights(4000, 0.2, 15 * ms, 10 * ms)
-    sqrt_k = np.sqrt(800)
-    assert weights["J_ee"] == pytest.approx(10 / (15 * sqrt_k))
-    assert weights["J_ie"] == pytest.approx(4 / (10 * sqrt_k))
-    assert weights["J_ei"] == pytest.approx(16 * 1.2 / (15 * sqrt_k))
-    assert weights["J_ii"] == pytest.approx(16 / (10 * sqrt_k))
+    paper = {"J_EE": 0.024, "J_IE": 0.014, "J_EI": 0.045, "J_II": 0.057}
+    assert {name: float(f"{value:.2g}") for name, value in weights.items()} == paper
+    # The script's own numbers, as they always were: j / (tau_target in ms * sqrt(K)), K = 800.
+    np.testing.assert_allclose([weights[name] for name in paper],
+                               [0.0236, 0.0141, 0.0453, 0.0566], atol=5e-5)
+    quarter = cn.synaptic_weights(1000, 0.2, 15 * ms, 10 * ms)  # K = 200: twice the weights
+    for name in paper:
+        assert quarter[name] == pytest.approx(2 * weights[name])
+
+
+def test_fano_factor_across_trials_against_hand_counts():
+    # Three trials of two neurons; windows of 100 ms starting every 50 ms in [0, 0.2): starts 0,
+    # 0.05, 0.1. A spike on a window's end (0.1 in the first) counts for the later window; 0.2 is
+    # outside. Counts in trials 0, 1, 2:
+    #   neuron 0, window [0, 0.1):     2, 0, 1 -> mean 1, sample variance 1 -> FF 1
+    #             window [0.05, 0.15): 2, 1, 1 -> mean 4/3, variance 1/3 -> FF 1/4
+    #             window [0.1, 0.2):   1, 1, 1 -> FF 0
+    #   neuron 1, window [0, 0.1):     silent in every trial -> left out
+    #             window [0.05, 0.15): 0, 0, 3 -> mean 1, variance 3 -> FF 3
+    #             window [0.1, 0.2):   0, 0, 3 -> FF 3
+    trains = [
+        (np.array([0.01, 0.07, 0.1]), np.array([0, 0, 0])),
+        (np.array([0.14, 0.2]), np.array([0, 0])),
+        (np.array([0.02, 0.12, 0.11, 0.12, 0.13]), np.array([0, 0, 1, 1, 1])),
+    ]
+    starts, ff = cn.fano_factor_across_trials(trains, 2, 0.0, 0.2, 0.1, 0.05)
+    np.testing.assert_allclose(starts, [0.0, 0.05, 0.1])
+    np.testing.assert_allclose(ff, [1.0, (0.25 + 3) / 2, (0 + 3) / 2])
+    # Quantities and an offset give the same; one trial has no variance across trials.
+    shifted = [(t * second + 1 * second, i) for t, i in trains]
+    np.testing.assert_allclose(
+        cn.fano_factor_across_trials(shifted, 2, 1 * second, 1.2 * second, 100 * ms, 50 * ms)[1],
+        ff)
+    assert np.all(np.isnan(cn.fano_factor_across_trials(trains[:1], 2, 0, 0.2, 0.1, 0.05)[1]))
 
 
 def example_trajectory(name, scale, seed):
     """A trajectory with the example's simulation.* parameters, as run_sweep adds them (numpy)."""
     traj = Trajectory(name, add_time=False)
-    traj.f_add_parameter("simulation.scale", scale)
-    traj.f_add_parameter("simulation.seed", seed)
-    traj.f_add_parameter("simulation.codegen_target", "numpy")
-    traj.f_add_parameter(cn.Brian2Parameter, "simulation.dt", 0.1 * ms)
+    cn.add_simulation_parameters(traj, scale, seed, "numpy")
     return traj
 
 
@@ -2426,7 +2467,7 @@ def test_connectivity_statistics_at_small_scale():
     neurons, connections = cn.CNNeuronGroup(), cn.CNConnections()
     neurons.add_parameters(traj)
     connections.add_parameters(traj)
-    traj.f_explore({"R_ee": [r_ee]})
+    traj.f_explore({"R_EE": [r_ee]})
     traj.v_idx = 0
     brian_list, network_dict = [], {}
     neurons.build(traj, brian_list, network_dict)
@@ -2454,17 +2495,18 @@ def test_connectivity_statistics_at_small_scale():
     assert to_e.sum() / n_e == pytest.approx(0.2 * n_e, rel=0.02)
 
     j = traj.parameters.connections
-    np.testing.assert_allclose(weight[same], 1.9 * j.J_ee)
-    np.testing.assert_allclose(weight[between], j.J_ee)
-    np.testing.assert_allclose(weight[~to_e], j.J_ie)
+    assert j.J_EE_in_factor == 1.9
+    np.testing.assert_allclose(weight[same], 1.9 * j.J_EE)
+    np.testing.assert_allclose(weight[between], j.J_EE)
+    np.testing.assert_allclose(weight[~to_e], j.J_IE)
 
     pre_i, post_i = np.asarray(from_i.i[:]), np.asarray(from_i.j[:])
     i_to_e = post_i < n_e
     assert_binomial(i_to_e.sum(), n_i * n_e, 0.5)
     assert_binomial((~i_to_e).sum(), n_i * (n_i - 1), 0.5)
     assert not np.any(post_i == pre_i + n_e)
-    np.testing.assert_allclose(np.asarray(from_i.w[:])[i_to_e], j.J_ei)
-    np.testing.assert_allclose(np.asarray(from_i.w[:])[~i_to_e], j.J_ii)
+    np.testing.assert_allclose(np.asarray(from_i.w[:])[i_to_e], j.J_EI)
+    np.testing.assert_allclose(np.asarray(from_i.w[:])[~i_to_e], j.J_II)
 
 
 def test_trace_monitors_generate_the_same_code_in_every_run():
@@ -2503,24 +2545,28 @@ def test_example_end_to_end(reference):
     figures = [line.split("figure: ", 1)[1] for line in done.stdout.splitlines()
                if line.startswith("figure: ")]
     assert sorted(os.path.basename(f) for f in figures) == sorted([
-        "raster_R_ee_1.00.png", "traces_R_ee_1.00.png", "raster_R_ee_2.50.png",
-        "traces_R_ee_2.50.png", "fano_vs_window.png", "fano_and_rates_vs_R_ee.png",
-        "correlations.png", "quenching_vs_strength.png", "stimulus_raster_0.3.png",
+        "raster_R_EE_1.00.png", "traces_R_EE_1.00.png", "raster_R_EE_2.50.png",
+        "traces_R_EE_2.50.png", "fano_vs_window.png", "fano_and_rates_vs_R_EE.png",
+        "correlations.png", "quenching_vs_strength.png", "fano_across_trials.png",
+        "stimulus_raster_0.3.png",
     ])
     for figure in figures:
         assert os.path.dirname(figure) == str(folder)
         with open(figure, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     for r in R_TINY:
-        assert f"R_ee = {r}" in done.stdout
+        assert f"R_EE = {r}" in done.stdout
+    for strength in STRENGTHS_TINY:
+        for trial in range(TRIALS_TINY):
+            assert f"strength = {strength}, trial = {trial}" in done.stdout
 
-    traj = cn.load_sweep(str(filename))
-    rows = cn.sweep_rows(traj)
-    assert [row["R_ee"] for row in rows] == R_TINY
-    for row in rows:
-        run = row["run"]
-        assert isinstance(run.f_get("monitors.spikes_e"), cn.Brian2MonitorResult)
+    traj = load_experiment(filename)
+    runs = [traj.f_get(f"results.runs.run_set_00000.{name}", shortcuts=False)
+            for name in traj.f_get_run_names()]
+    assert list(traj.f_get("connections.R_EE").f_get_range()) == R_TINY
+    for run in runs:
         spikes = run.f_get("monitors.spikes_e")
+        assert isinstance(spikes, cn.Brian2MonitorResult)
         assert len(spikes.t) == len(spikes.i) > 0
         assert np.all(np.asarray(spikes.i) < 400)
         for variable in ("V", "I_syn_e", "I_syn_i"):
@@ -2537,7 +2583,62 @@ def test_example_end_to_end(reference):
         # 0.3 s measured: three 100 ms windows, too few for longer ones.
         assert np.isfinite(fano.ff[0]) and np.all(np.isnan(fano.ff[1:]))
         assert run.f_get("statistics.mean_fano_factor").f_get() == pytest.approx(fano.ff[0])
-        assert row["rate_e"] > 0
+
+
+def test_the_tables_are_what_the_runs_stored(reference):
+    """The tables come from brian2pet.runs_table: the sweep's lines hold the stored numbers of each
+    run; the stimulus experiment's lines hold the means over trials, and the FF across trials of
+    the stored spikes."""
+    folder, done = reference
+    filename = str(folder / cn.HDF5_NAME)
+    sweep = load_experiment(filename)
+    table = brian2pet.runs_table(filename, cn.SWEEP, cn.SWEEP_RESULTS)
+    assert list(table.index) == [0, 1, 2] and table["stored"].all()
+    assert list(table["connections.R_EE"]) == R_TINY
+    lines = cn.format_sweep_table(table).splitlines()
+    assert lines[0].split() == ["run", "R_EE", "rate", "E", "rate", "I", "FF", "100ms", "FF",
+                                "250ms", "FF", "500ms", "FF", "1000ms", "r", "same", "r", "other",
+                                "r", "all"]
+    for idx, name in enumerate(sweep.f_get_run_names()):
+        run = sweep.f_get(f"results.runs.run_set_00000.{name}", shortcuts=False)
+        correlations = run.f_get("statistics.correlations")
+        expected = [idx, R_TINY[idx], f"{float(run.f_get('statistics.rates').e / Hz):.2f}Hz",
+                    f"{float(run.f_get('statistics.rates').i / Hz):.2f}Hz",
+                    *[f"{ff:.2f}" for ff in run.f_get("statistics.fano_factor").ff],
+                    *[f"{getattr(correlations, kind):.3f}"
+                      for kind in ("same_cluster", "other_cluster", "all")]]
+        assert lines[2 + idx].split() == [str(expected[0]), f"{expected[1]:.2f}", *expected[2:]]
+        assert lines[2 + idx] in done.stdout
+
+    stimulus = load_experiment(filename, cn.STIMULUS)
+    table = brian2pet.runs_table(filename, cn.STIMULUS, cn.STIMULUS_RESULTS + ("monitors.spikes_e",))
+    assert list(zip(table["stimulus.strength"], table["trials.trial"])) == [
+        (s, t) for s in STRENGTHS_TINY for t in range(TRIALS_TINY)]
+    trial_ff = cn.trial_fano_factors(table, 400)
+    rows = cn.stimulus_rows(table, trial_ff)
+    assert [(row["strength"], row["trials"]) for row in rows] == [(s, TRIALS_TINY)
+                                                                  for s in STRENGTHS_TINY]
+    runs = [stimulus.f_get(f"results.runs.run_set_00000.{name}", shortcuts=False)
+            for name in stimulus.f_get_run_names()]
+    for k, (strength, row) in enumerate(zip(STRENGTHS_TINY, rows)):
+        trials = runs[k * TRIALS_TINY:(k + 1) * TRIALS_TINY]
+        quenching = [run.f_get("statistics.quenching") for run in trials]
+        assert row["rate_stimulus"] == pytest.approx(
+            np.mean([float(q.rate_stimulus / Hz) for q in quenching]))
+        np.testing.assert_allclose(row["ff_spontaneous"],
+                                   np.mean([q.ff_spontaneous for q in quenching], axis=0))
+        # The FF across trials, from the stored spikes: 100 ms windows every 50 ms, over the
+        # recording (0.1 to 0.7 s; onset at 0.4 s).
+        spikes = [run.f_get("monitors.spikes_e") for run in trials]
+        trains = [(np.asarray(m.t / second), np.asarray(m.i)) for m in spikes]
+        starts, ff = cn.fano_factor_across_trials(trains, 400, 0.1, 0.7, 0.1, 0.05)
+        times, table_ff = trial_ff[strength]
+        np.testing.assert_allclose(times, starts + 0.05 - 0.4)
+        np.testing.assert_allclose(table_ff, ff)
+        before = np.mean(ff[(starts + 0.1 <= 0.4 + 1e-9)])
+        after = np.mean(ff[starts >= 0.4 - 1e-9])
+        assert (row["ff_trials_before"], row["ff_trials_after"]) == pytest.approx((before, after))
+    assert cn.format_stimulus_table(table, rows).splitlines()[2] in done.stdout
 
 
 def test_replot_redraws_every_figure_without_simulating(reference, tmp_path):
@@ -2549,7 +2650,7 @@ def test_replot_redraws_every_figure_without_simulating(reference, tmp_path):
     assert "started" not in done.stdout  # nothing simulated
     pictures = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pictures == sorted(p.name for p in folder.glob("*.png"))
-    assert "R_ee" in done.stdout and "FF 100ms" in done.stdout
+    assert "R_EE" in done.stdout and "FF 100ms" in done.stdout and "FF across trials" in done.stdout
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2560,7 +2661,7 @@ def test_replot_redraws_every_figure_without_simulating(reference, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--no-such-flag"], "unrecognized arguments"),
     (["--scale", "-1"], "must be positive"),
-    (["--r-ee"], "at least one value"),
+    (["--r-ee"], "expected at least one argument"),
     (["--replot", "/nonexistent/file.hdf5"], "no such file"),
 ])
 def test_bad_input_exits_with_one_line(argv, message, capsys):
@@ -2602,9 +2703,8 @@ def test_failing_run_names_index_and_values_and_keeps_finished_runs(tmp_path, nc
                       ncores, "--out", str(out))
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-2]
-    assert last.startswith("clustered_network.py: error: run 1 (R_ee = 2.5)")
-    rows = cn.sweep_rows(cn.load_sweep(str(out / cn.HDF5_NAME)))
-    assert [row["idx"] for row in rows] == [0]
+    assert last.startswith("clustered_network.py: error: run 1 (R_EE = 2.5)")
+    assert run_indices(out / cn.HDF5_NAME) == [0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2614,25 +2714,58 @@ def test_failing_run_names_index_and_values_and_keeps_finished_runs(tmp_path, nc
 
 def test_both_experiments_on_cpp_standalone_compile_once_and_find_the_same(tmp_path):
     """--device cpp_standalone: one program per experiment, compiled once; every run one execution
-    with its own R_ee or strength (the C++ generator draws other synapses than numpy's, so the
-    numbers are its own, the findings the same)."""
+    with its own R_EE, or strength and trial seed (the C++ generator draws other synapses than
+    numpy's, so the numbers are its own, the findings the same)."""
     done = run_script(*TINY, "--device", "cpp_standalone", "--ncores", "2", "--no-plots",
                       "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled '")]
     assert [line.split("'")[1] for line in compiled] == list(EXPERIMENT_NAMES)
-    for name, runs in ((cn.TRAJECTORY_NAME, R_TINY), (cn.STIMULUS_TRAJECTORY_NAME, STRENGTHS_TINY)):
+    for name, runs in ((cn.SWEEP, len(R_TINY)), (cn.STIMULUS, STIMULUS_RUNS_TINY)):
         assert sorted(os.listdir(tmp_path / "standalone" / name)).count("main") == 1
         assert not [d for d in os.listdir(tmp_path / "standalone" / name) if d.startswith("results_")]
-        assert done.stdout.count(f"/{len(runs)} done in") >= len(runs)
+        assert done.stdout.count(f"/{runs} done in") >= runs
     filename = str(tmp_path / cn.HDF5_NAME)
-    rows = cn.sweep_rows(cn.load_sweep(filename))
-    assert [row["R_ee"] for row in rows] == R_TINY
-    assert len({row["rate_e"] for row in rows}) == len(R_TINY)  # R_ee reached every execution
-    control, driven = cn.stimulus_rows(cn.load_sweep(filename, cn.STIMULUS_TRAJECTORY_NAME))
-    # Both runs start from the one pre-run's state, and only the stimulus differs.
-    assert control["rate_spontaneous"] == driven["rate_spontaneous"]
-    assert driven["rate_stimulus"] > control["rate_stimulus"]
+    sweep = brian2pet.runs_table(filename, cn.SWEEP, ["statistics.rates"])
+    assert list(sweep["connections.R_EE"]) == R_TINY
+    assert sweep["statistics.rates.e (Hz)"].nunique() == len(R_TINY)  # R_EE reached every run
+    assert_trials_differ_only_in_their_seed(filename)
+
+
+def spike_trains(filename):
+    """{(strength, trial): (spike times in s, neuron indices)} of the stimulus experiment, and
+    the time of the stimulus onset."""
+    table = brian2pet.runs_table(str(filename), cn.STIMULUS,
+                                 ["monitors.spikes_e", "statistics.quenching"])
+    trains = {(row["stimulus.strength"], row["trials.trial"]):
+              (row["monitors.spikes_e.t (s)"], row["monitors.spikes_e.i"])
+              for _, row in table.iterrows()}
+    return trains, table["statistics.quenching.onset (s)"].iloc[0]
+
+
+def assert_trials_differ_only_in_their_seed(filename):
+    """Every run starts from the state the ONE pre-run left (0.1 s): runs with the same trial
+    seed are the same spike for spike until the stimulus comes on, whatever its strength; runs of
+    another trial (its own seed, its own jitter of V) differ from the start; the stimulus really
+    acts after the pre-run: the driven clusters fire more."""
+    trains, onset = spike_trains(filename)
+    assert onset == pytest.approx(0.1 + 0.3)
+    for trial in range(TRIALS_TINY):
+        (t0, i0), (t1, i1) = trains[0.0, trial], trains[0.3, trial]
+        assert t0.min() >= 0.1 and t0.min() < 0.11
+        np.testing.assert_array_equal(t0[t0 < onset], t1[t1 < onset])
+        np.testing.assert_array_equal(i0[t0 < onset], i1[t1 < onset])
+        assert not np.array_equal(t1[t1 >= onset], t0[t0 >= onset])
+    for strength in STRENGTHS_TINY:
+        (t0, i0), (t1, i1) = trains[strength, 0], trains[strength, 1]
+        early = 0.1 + 0.05  # within 50 ms of the start, the trials' spikes differ already
+        assert not (np.array_equal(t0[t0 < early], t1[t1 < early])
+                    and np.array_equal(i0[t0 < early], i1[t1 < early]))
+    clusters = brian2pet.runs_table(str(filename), cn.STIMULUS, ["statistics.quenching"])[
+        "statistics.quenching.clusters"].iloc[-1]
+    (t0, i0), (t1, i1) = trains[0.0, 0], trains[0.3, 0]
+    assert np.count_nonzero(np.isin(i1 // 80, clusters) & (t1 >= onset)) > 1.1 * np.count_nonzero(
+        np.isin(i0 // 80, clusters) & (t0 >= onset))
 
 
 def test_two_cores_store_the_same_numbers_as_one(reference_numbers, tmp_path):
@@ -2653,7 +2786,7 @@ def test_scoop_stores_the_same_numbers_as_one_process(reference_numbers, tmp_pat
 
 
 def assert_every_run_completed(filename):
-    traj = cn.load_sweep(str(filename))
+    traj = load_experiment(filename)
     assert len(traj.f_get_run_names()) == len(R_TINY)
     assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
 
@@ -2670,7 +2803,7 @@ def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_pa
         if line.startswith(f"run 2/{len(R_TINY)} started"):
             break
     assert process.poll() is None, "the sweep ended before it could be killed"
-    resume_files = tmp_path / "resume" / cn.TRAJECTORY_NAME
+    resume_files = tmp_path / "resume" / cn.SWEEP
     assert list(resume_files.glob("*.rcnt")), "no run was stored before the second started"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -2680,8 +2813,8 @@ def test_resume_after_sigkill_completes_every_run_once(reference_numbers, tmp_pa
     assert done.returncode == 0, done.stderr
     numbers = stored_numbers(str(tmp_path / cn.HDF5_NAME))
     assert_same_numbers(numbers, reference_numbers)
-    traj = cn.load_sweep(str(tmp_path / cn.HDF5_NAME))
-    assert [row["idx"] for row in cn.sweep_rows(traj)] == [0, 1, 2]
+    assert run_indices(tmp_path / cn.HDF5_NAME) == [0, 1, 2]
+    traj = load_experiment(tmp_path / cn.HDF5_NAME)
     assert all(traj.f_get_run_information(name)["completed"] for name in traj.f_get_run_names())
     # The stimulus experiment had not started when the sweep was killed: --resume started it.
     assert "resuming 'clustered_network'" in done.stdout
@@ -2694,8 +2827,8 @@ def test_resume_refuses_while_the_sweep_is_alive(tmp_path):
     import fcntl
 
     # A live sweep holds the lock (as its forked workers would after the parent was killed).
-    tmp_path.joinpath("sweep.lock").write_text("")
-    with open(tmp_path / "sweep.lock", "a+") as handle:
+    tmp_path.joinpath("clustered_network.lock").write_text("")
+    with open(tmp_path / "clustered_network.lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         done = run_script("--resume", "--out", str(tmp_path))
     assert done.returncode != 0
@@ -2758,7 +2891,7 @@ SWEEP_CLASSES = [Brian2Parameter, Brian2Result, Brian2MonitorResult]
 def crafted_sweep(reference, tmp_path, add, marker):
     filename = tmp_path / "crafted.hdf5"
     shutil.copyfile(reference[0] / cn.HDF5_NAME, filename)
-    traj = Trajectory(cn.TRAJECTORY_NAME, add_time=False, filename=str(filename),
+    traj = Trajectory(cn.SWEEP, add_time=False, filename=str(filename),
                       dynamic_imports=SWEEP_CLASSES)
     traj.f_load(load_parameters=2, load_derived_parameters=2, load_results=1, force=True)
     traj.f_store_item(add(traj, marker))
@@ -2777,14 +2910,14 @@ def test_replot_refuses_pickled_content_and_runs_nothing(reference, tmp_path):
     done = run_script("--replot", str(filename))
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr
-    assert f"{filename}: {cn.TRAJECTORY_NAME}.{node}:" in done.stderr and "refused" in done.stderr
+    assert f"{filename}: {cn.SWEEP}.{node}:" in done.stderr and "refused" in done.stderr
     with pytest.raises(brian2pet.FileRefused, match=node.replace(".", r"\.")):
-        cn.load_sweep(str(filename))
+        brian2pet.runs_table(str(filename), cn.SWEEP, cn.SWEEP_RESULTS)
     assert not marker.exists()
     assert not list(tmp_path.glob("*.png"))
 
     # The payload is live: pypet's generic loading runs it (here, it creates the marker).
-    load_trajectory(cn.TRAJECTORY_NAME, filename=str(filename), load_data=2,
+    load_trajectory(cn.SWEEP, filename=str(filename), load_data=2,
                     dynamic_imports=SWEEP_CLASSES + [PickleParameter])
     assert marker.exists()
 
@@ -2799,17 +2932,6 @@ def test_no_pickle_can_name_a_global_while_a_file_is_read(tmp_path):
     assert not marker.exists()
     pickle.loads(dump)  # outside the block pickles work as before
     assert marker.exists()
-
-
-def test_the_sweep_loads_only_parameters_and_run_results(reference):
-    traj = cn.load_sweep(str(reference[0] / cn.HDF5_NAME))
-    branches = {leaf.v_full_name.split(".")[0] for leaf in traj.f_iter_leaves()}
-    assert branches == {"config", "parameters", "results"}
-    # config: only pypet's storage settings, read with the run information from the overview
-    assert all(name.startswith("config.hdf5.") for name in traj.f_get_config())
-    assert all(leaf.v_full_name.startswith("results.runs.") for leaf in traj.f_iter_leaves()
-               if leaf.v_full_name.startswith("results"))
-    assert all(not leaf.f_is_empty() for leaf in traj.f_iter_leaves())
 
 
 def damaged_copy(reference, tmp_path):
@@ -2833,7 +2955,7 @@ def test_resume_of_a_damaged_file_says_so_in_one_line(reference, tmp_path):
     # then damaged by something else.
     out = tmp_path / "out"
     args = cn.parse_args([*TINY, "--experiment", "sweep", "--out", str(out)])
-    cn.save_settings(args, str(out / "resume"), cn.TRAJECTORY_NAME)
+    cn.save_settings(args, str(out / "resume"), cn.SWEEP)
     damaged_copy(reference, tmp_path).rename(out / cn.HDF5_NAME)
     done = run_script("--resume", "--no-plots", "--experiment", "sweep", "--out", str(out))
     assert done.returncode != 0
@@ -2845,8 +2967,8 @@ def test_replot_of_a_file_without_runs_says_so_in_one_line(reference, tmp_path):
     # The sweep's trajectory as it is before its first run: parameters, and a result outside the
     # runs (here pickled: not read, since the tables and figures read only the runs' results).
     filename = tmp_path / "no_runs.hdf5"
-    traj = Trajectory(cn.TRAJECTORY_NAME, filename=str(filename), add_time=False)
-    traj.f_add_parameter("connections.R_ee", 1.0)
+    traj = Trajectory(cn.SWEEP, filename=str(filename), add_time=False)
+    traj.f_add_parameter("connections.R_EE", 1.0)
     traj.f_add_result(PickleResult, "summary.note", Payload(tmp_path / "payload-ran"))
     traj.f_store()
     done = run_script("--replot", str(filename))
@@ -2894,9 +3016,9 @@ def test_a_failed_run_under_scoop_fails_the_command(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=HERE,
     )
     assert done.returncode != 0
-    assert "clustered_network.py: error: run 1 (R_ee = 2.5) failed" in done.stderr
+    assert "clustered_network.py: error: run 1 (R_EE = 2.5) failed" in done.stderr
     assert "SystemExit" not in done.stderr
-    assert [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(out / cn.HDF5_NAME)))] == [0]
+    assert run_indices(out / cn.HDF5_NAME) == [0]
     assert processes_mentioning(str(out)) == []  # no worker of the sweep outlived the command
 
 
@@ -3036,7 +3158,7 @@ def test_sweep_across_two_hosts_stores_the_same_numbers(reference_numbers, two_h
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_numbers(stored_numbers(str(out / cn.HDF5_NAME)), reference_numbers)
     assert_every_run_completed(out / cn.HDF5_NAME)
-    ran_on = re.findall(r"^run \d+/\d+ done in \d+ s on (\S+):", done.stdout, re.MULTILINE)
+    ran_on = re.findall(r"^run \d+/\d+ done in [\d.]+ s on (\S+):", done.stdout, re.MULTILINE)
     assert len(ran_on) >= len(R_TINY)
     assert two_hosts.names[1] in ran_on, ran_on  # at least one run on the second host
 
@@ -3126,42 +3248,29 @@ def test_example_stores_correlations_and_the_stimulus_experiment(reference):
     folder, done = reference
     filename = str(folder / cn.HDF5_NAME)
     # Both experiments are trajectories of the same file.
-    assert cn.stored_experiments(filename) == [cn.TRAJECTORY_NAME, cn.STIMULUS_TRAJECTORY_NAME]
-    for row in cn.sweep_rows(cn.load_sweep(filename)):
-        correlations = row["run"].f_get("statistics.correlations")
-        assert isinstance(correlations, cn.Brian2Result)
-        assert float(correlations.window / ms) == pytest.approx(100)
-        for name in ("same_cluster", "other_cluster", "all"):
-            assert -1 <= getattr(correlations, name) <= 1
-        assert len(correlations.sample_same_cluster) > 0
+    assert list(cn.check_experiments_file(filename)) == [cn.SWEEP, cn.STIMULUS]
+    sweep = brian2pet.runs_table(filename, cn.SWEEP, ["statistics.correlations"])
+    assert sweep["stored"].all()
+    assert list(sweep["statistics.correlations.window (s)"]) == pytest.approx([0.1] * 3)
+    for kind in ("same_cluster", "other_cluster", "all"):
+        assert sweep[f"statistics.correlations.{kind}"].between(-1, 1).all()
+    assert all(len(sample) > 0 for sample in sweep["statistics.correlations.sample_same_cluster"])
     assert "r same" in done.stdout and "strength" in done.stdout
 
-    traj = cn.load_sweep(filename, cn.STIMULUS_TRAJECTORY_NAME)
-    assert traj.f_get("connections.R_ee").f_get() == 2.5
-    rows = cn.stimulus_rows(traj)
-    assert [row["strength"] for row in rows] == STRENGTHS_TINY
-    spikes = []
-    for row in rows:
-        quenching = row["run"].f_get("statistics.quenching")
+    traj = load_experiment(filename, cn.STIMULUS)
+    assert traj.f_get("connections.R_EE").f_get() == 2.5
+    assert list(traj.f_get("trials.trial").f_get_range()) == [0, 1, 0, 1]
+    for name in traj.f_get_run_names():
+        quenching = traj.f_get(f"results.runs.run_set_00000.{name}.statistics.quenching",
+                               shortcuts=False)
         assert isinstance(quenching, cn.Brian2Result)
         np.testing.assert_allclose(np.asarray(quenching.window / cn.second), [0.1, 0.25, 0.5, 1.0])
         assert quenching.ff_spontaneous.shape == quenching.ff_stimulus.shape == (4,)
         assert float(quenching.rate_spontaneous / cn.Hz) > 0
         assert len(quenching.clusters) == 2
-        monitor = row["run"].f_get("monitors.spikes_e")
-        spikes.append((np.asarray(monitor.t / cn.second), np.asarray(monitor.i)))
-    # Every run starts from the state the ONE pre-run left (0.1 s): the spontaneous periods of
-    # control and stimulus run are the same spike for spike, and the recording starts at 0.1 s.
-    (t0, i0), (t1, i1) = spikes
-    onset = 0.1 + 0.3
-    assert t0.min() >= 0.1 and t0.min() < 0.11
-    np.testing.assert_array_equal(t0[t0 < onset], t1[t1 < onset])
-    np.testing.assert_array_equal(i0[t0 < onset], i1[t1 < onset])
-    # The stimulus, built per run, really acts after the pre-run: the driven clusters fire more.
-    driven = np.isin(i1 // 80, rows[1]["clusters"])
-    after = t1 >= onset
-    assert np.count_nonzero(driven & after) > 1.1 * np.count_nonzero(
-        np.isin(i0 // 80, rows[1]["clusters"]) & (t0 >= onset))
+        assert [float(t / second) for t in (quenching.start, quenching.onset, quenching.end)] == (
+            pytest.approx([0.1, 0.4, 0.7]))
+    assert_trials_differ_only_in_their_seed(filename)
 
 
 class SubrunLog(NetworkAnalyser):
@@ -3172,14 +3281,12 @@ class SubrunLog(NetworkAnalyser):
 
 
 def test_guard_cancels_a_pathological_run_and_the_others_go_on(tmp_path):
-    # J_ei explored: the middle run has no inhibition onto E neurons, so E fires pathologically.
+    # J_EI explored: the middle run has no inhibition onto E neurons, so E fires pathologically.
     filename = str(tmp_path / "guard.hdf5")
-    env = Environment(trajectory=cn.TRAJECTORY_NAME, filename=filename, log_config=None,
+    env = Environment(trajectory=cn.SWEEP, filename=filename, log_config=None,
                       log_stdout=False, report_progress=False, add_time=False)
     traj = env.trajectory
-    args = cn.parse_args(["--scale", "0.1", "--target", "numpy", "--initial", "0.1",
-                          "--measure", "0.3"])
-    cn.add_simulation_parameters(traj, args)
+    cn.add_simulation_parameters(traj, 0.1, 1, "numpy")
     manager = cn.CNNetworkManager(
         network_runner=cn.CNNetworkRunner(0.1 * cn.second, 0.3 * cn.second),
         component_list=[cn.CNNeuronGroup(), cn.CNConnections()],
@@ -3187,19 +3294,19 @@ def test_guard_cancels_a_pathological_run_and_the_others_go_on(tmp_path):
                        cn.CNCorrelationComputer(), SubrunLog()],
     )
     manager.add_parameters(traj)
-    j_ei = traj.f_get("connections.J_ei").f_get()
-    traj.f_explore({"J_ei": [j_ei, 0.0 * j_ei, j_ei]})
+    j_ei = traj.f_get("connections.J_EI").f_get()
+    traj.f_explore({"J_EI": [j_ei, 0.0 * j_ei, j_ei], "R_EE": [1.0, 1.0, 2.5]})
     manager.pre_build(traj)
     traj.f_store()
     env.run(manager.run_network)
     env.disable_logging()
 
-    back = cn.load_sweep(filename)
+    back = load_experiment(filename)
     runs = [back.f_get(f"results.runs.{name}", shortcuts=False) for name in back.f_get_run_names()]
     pathological = runs[1].f_get("statistics.pathological")
     assert pathological.subrun == "initial_run" and pathological.cancelled == "measurement_run"
-    assert pathological.rate_e > pathological.max_rate_e == 100 * cn.Hz
-    assert "exceeds analysis.max_rate_e" in pathological.reason
+    assert pathological.rate_E > pathological.max_rate_E == 100 * cn.Hz
+    assert "exceeds analysis.max_rate_E" in pathological.reason
     # The cancelled subrun never ran: nothing after the initial run, no measurement results.
     assert [leaf.v_name for leaf in runs[1].f_get("subruns_ran").f_iter_leaves()] == ["initial_run"]
     assert not runs[1].f_contains("monitors") and not runs[1].f_contains("statistics.fano_factor")
@@ -3207,24 +3314,28 @@ def test_guard_cancels_a_pathological_run_and_the_others_go_on(tmp_path):
     for run in (runs[0], runs[2]):
         assert run.f_get("subruns_ran.measurement_run").f_get() == pytest.approx(400)
         assert not run.f_contains("statistics.pathological")
-        assert float(run.f_get("statistics.rates").e / cn.Hz) < 30
+        assert float(run.f_get("statistics.rates").e / cn.Hz) < 100
     # Tables and figures show the finished runs and name the cancelled one.
-    rows = cn.sweep_rows(back)
-    assert [row["idx"] for row in rows] == [0, 2]
-    cancelled = cn.pathological_runs(back, "connections.J_ei")
+    table = brian2pet.runs_table(filename, cn.SWEEP, cn.SWEEP_RESULTS + cn.MONITORS)
+    assert list(cn.runs_with(table, "statistics.fano_factor.ff").index) == [0, 2]
+    cancelled = cn.cancelled_runs(table, "connections.J_EI")
     assert [(idx, value) for idx, value, _ in cancelled] == [(1, 0.0)]
-    table = cn.format_table(rows, cn.pathological_runs(back, "connections.R_ee"))
-    assert "   1  1.00 pathological: mean E rate" in table and "cancelled: measurement_run" in table
-    assert len(cn.plot_all(back, rows, str(tmp_path))) == 7
+    text = cn.format_sweep_table(table)
+    assert [line.split()[0] for line in text.splitlines()[2:]] == ["0", "2", "1"]
+    assert "   1  1.00 pathological: mean E rate" in text and "cancelled: measurement_run" in text
+    assert len(cn.sweep_figures(table, back.parameters, str(tmp_path))) == 7
 
 
 def test_command_line_experiment_and_cores():
     args = cn.parse_args([])
     assert args.experiment == "both" and args.ncores == os.cpu_count()
-    assert args.strengths == [0.0, 0.07, 0.15] and args.stimulus_r_ee == 2.5
+    assert args.strengths == [0.0, 0.07, 0.15] and args.stimulus_r_ee == 2.5 and args.trials == 8
     assert cn.parse_args(["--experiment", "stimulus"]).experiment == "stimulus"
     with pytest.raises(SystemExit):
         cn.parse_args(["--experiment", "neither"])
+    # SCOOP's workers run the program that the main script compiled (brian2pet section 8).
+    args = cn.parse_args(["--scoop", "--device", "cpp_standalone"])
+    assert args.scoop and args.device == "cpp_standalone" and args.ncores == 1
 
 
 def test_resume_of_the_stimulus_experiment_redoes_the_pre_run(reference_numbers, tmp_path):
@@ -3237,10 +3348,10 @@ def test_resume_of_the_stimulus_experiment_redoes_the_pre_run(reference_numbers,
         start_new_session=True,
     )
     for line in process.stdout:
-        if line.startswith(f"run 2/{len(STRENGTHS_TINY)} started"):
+        if line.startswith(f"run 2/{STIMULUS_RUNS_TINY} started"):
             break
     assert process.poll() is None, "the experiment ended before it could be killed"
-    assert list((tmp_path / "resume" / cn.STIMULUS_TRAJECTORY_NAME).glob("*.rcnt"))
+    assert list((tmp_path / "resume" / cn.STIMULUS).glob("*.rcnt"))
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
@@ -3248,7 +3359,7 @@ def test_resume_of_the_stimulus_experiment_redoes_the_pre_run(reference_numbers,
     assert done.returncode == 0, done.stderr
     assert "resuming 'stimulus_response'" in done.stdout
     expected = {key: value for key, value in reference_numbers.items()
-                if key.startswith(cn.STIMULUS_TRAJECTORY_NAME + ".")}
+                if key.startswith(cn.STIMULUS + ".")}
     assert_same_numbers(stored_numbers(str(tmp_path / cn.HDF5_NAME)), expected)
 
 
@@ -3348,8 +3459,6 @@ def assert_group_ends(pgid, within=10.0):
     raise AssertionError(f"processes outlived the sweep by {within} s:\n{left}")
 
 
-EXPERIMENT_NAMES = (cn.TRAJECTORY_NAME, cn.STIMULUS_TRAJECTORY_NAME)
-
 
 def runs_simulated(stdout):
     """{experiment: indices of the runs it started}, from the script's progress lines; each
@@ -3372,9 +3481,9 @@ def assert_resumes_to_reference(out, ncores, reference_numbers, finished_before=
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert_same_numbers(stored_numbers(str(out / cn.HDF5_NAME)), reference_numbers)
-    for name, runs in ((cn.TRAJECTORY_NAME, R_TINY), (cn.STIMULUS_TRAJECTORY_NAME, STRENGTHS_TINY)):
-        traj = cn.load_sweep(str(out / cn.HDF5_NAME), name)
-        assert len(traj.f_get_run_names()) == len(runs)
+    for name, runs in ((cn.SWEEP, len(R_TINY)), (cn.STIMULUS, STIMULUS_RUNS_TINY)):
+        traj = load_experiment(out / cn.HDF5_NAME, name)
+        assert len(traj.f_get_run_names()) == runs
         assert all(traj.f_get_run_information(run)["completed"] for run in traj.f_get_run_names())
     simulated_again = runs_simulated(done.stdout)
     for name, finished in (finished_before or {}).items():
@@ -3412,14 +3521,12 @@ def test_ctrl_c_and_sigterm_stop_every_process_and_resume(reference_numbers, tmp
     assert f"continue with: python {SCRIPT} --resume --out {tmp_path}" in stderr
     # The runs it names as finished are in the file; the interrupted one is not stored as finished
     # (else --resume would keep it and the numbers below would differ from the reference).
+    # "... kept in FILE: 'clustered_network' 0, 1" (or 'none'): the sweep was stopped in its runs.
     finished_text = stopped[0].split(": ")[-1]
     named = [] if finished_text == "none" else [
-        int(run.split()[0]) for run in finished_text.split("), ")
-    ]
-    stored = [row["idx"] for row in cn.sweep_rows(cn.load_sweep(str(tmp_path / cn.HDF5_NAME)))]
-    assert set(named) <= set(stored)
-    assert_resumes_to_reference(tmp_path, ncores, reference_numbers,
-                                {cn.TRAJECTORY_NAME: named})
+        int(idx) for idx in finished_text.split(f"'{cn.SWEEP}' ")[1].split(", ")]
+    assert set(named) <= set(run_indices(tmp_path / cn.HDF5_NAME))
+    assert_resumes_to_reference(tmp_path, ncores, reference_numbers, {cn.SWEEP: named})
 
 
 STRACE = shutil.which("strace")
@@ -3469,7 +3576,7 @@ def kill_trial(tmp_path, reference_numbers, ncores, signal_name, when, final=Fal
         if os.path.isdir(resume_path):
             finished[name] = set(brian2pet.finished_runs(str(out / "resume"), name))
     if final:  # the last kill point must hit the final stores, after every run was counted
-        assert finished == {cn.STIMULUS_TRAJECTORY_NAME: set(range(len(STRENGTHS_TINY)))}, (
+        assert finished == {cn.STIMULUS: set(range(STIMULUS_RUNS_TINY))}, (
             f"write {when} came before the final stores")
     # Killed inside a write, the file goes back to its last checkpoint, and the runs stored after
     # it run again (brian2pet's CheckpointedHDF5StorageService); every other finished run is kept.
@@ -3503,7 +3610,7 @@ def test_a_signal_at_any_write_then_resume_gives_the_reference(reference_numbers
     lines = trace.read_text().splitlines()
     last_counted = max(k for k, line in enumerate(lines) if "rename(" in line and '.rcnt"' in line)
     done = next(k for k, line in enumerate(lines) if "unlink(" in line and
-                f"{cn.STIMULUS_TRAJECTORY_NAME}.settings.json" in line)
+                f"{cn.STIMULUS}.settings.json" in line)
     final_stores = [sum("pwrite64(" in line for line in lines[:k]) for k in (last_counted, done)]
     assert final_stores[1] - final_stores[0] > 10
     last_point = sum(final_stores) // 2
