@@ -110,9 +110,9 @@ from brian2pet import (
     stop_cleanly_on_signals,
 )
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The paper's network (its Methods)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # Its parameters at full scale, by the paper's names, which the components give them in the
 # trajectory too. Synapses are named target first, as in the paper: p_IE and J_IE are E to I.
@@ -187,9 +187,9 @@ FANO_WINDOWS_MS = (100, 250, 500, 1000)  # counting windows of the FF within one
 TRIAL_FANO_WINDOW, TRIAL_FANO_STEP, TRIAL_FANO_SPAN = 0.1, 0.05, 1.0
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pure functions of the model and of the analysis, which tests check without simulating
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def cluster_labels(n_e, cluster_size):
@@ -378,9 +378,9 @@ def explored_in(traj, group_name):
     return any(name.startswith(prefix) for name in traj.f_get_explored_parameters())
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Components (spec 7.4)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def add_simulation_parameters(traj, scale, seed, target):
@@ -654,9 +654,9 @@ class CNTrial(NetworkComponent):
             network_dict["neurons"].V = f"V + {traj.trials.V_jitter!r} * (2 * rand() - 1)"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Runners (spec 7.4.2, 7.5)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def add_subrun(traj, name, duration, order, comment):
@@ -699,9 +699,9 @@ class CNStimulusRunner(NetworkRunner):
                    "Recorded with the stimulus switched on")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Analysers (spec 7.4.1)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def is_pre_run(subrun):
@@ -956,22 +956,23 @@ class CNQuenchingAnalyser(CNFanoFactorComputer):
             stats[f"ff_{period}"] = fano_factor(t, i, n_e, start, end, windows)
             in_period = (t >= start) & (t < end)
             stats[f"rate_{period}"] = np.count_nonzero(in_period) / n_e / (end - start)
+        periods = network_dict["periods"]
         traj.f_add_result(
             Brian2Result, "statistics.quenching", window=windows,
-            start=network_dict["periods"]["spontaneous"][0],
-            onset=network_dict["periods"]["stimulus"][0], end=network_dict["periods"]["stimulus"][1],
+            start=periods["spontaneous"][0], onset=periods["stimulus"][0],
+            end=periods["stimulus"][1],
             clusters=np.asarray(network_dict["stimulated_clusters"]), **stats,
             comment="FF and mean rate of E neurons without and with the stimulus",
         )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The experiments: one main function each, the spec's main script (7.3) step by step. Both store
 # their trajectory in the same HDF5 file through brian2pet's storage, which a kill at any moment
 # cannot ruin; with several cores each run is a forked worker (brian2pet.ForkingEnvironment).
 # pypet's settings (environment_options) and the manager for --device (network_manager) come from
 # the operations part at the end.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 SWEEP, STIMULUS = "clustered_network", "stimulus_response"  # the trajectories
 HDF5_NAME = "clustered_network.hdf5"
@@ -1044,12 +1045,12 @@ def run_stimulus_experiment(args, filename, resume_folder):
 EXPERIMENTS = {"sweep": (SWEEP, run_sweep), "stimulus": (STIMULUS, run_stimulus_experiment)}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tables and figures, made from brian2pet.runs_table: a pandas DataFrame per experiment, one row per
 # run, read from the HDF5 file without running or unpickling anything in it (a file may come from
 # anyone). Column labels: explored parameters by name ('connections.R_EE'), result items as
 # 'NAME.ITEM (unit)' ('statistics.rates.e (Hz)'), and 'stored'.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 SWEEP_RESULTS = ("statistics.rates", "statistics.fano_factor", "statistics.correlations",
                  "statistics.pathological")
@@ -1416,13 +1417,11 @@ def check_experiments_file(filename):
     return check_file(filename, (SWEEP, STIMULUS), ("parameters", "results.runs"))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Operations, not about this network: progress lines (a manager mixin), the device, pypet's
-# settings, the command line, the output folder and its lock, main(). Ctrl-C and SIGTERM stop the
-# experiments cleanly (brian2pet 7.1); after any stop, also SIGKILL inside a write, --resume runs
-# what is left (brian2pet.prepare_resume), and with the saved settings finishes also an experiment
-# killed before its first run was stored.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Operations, not about this network: progress lines, device, pypet's settings, command line,
+# output folder and lock, main(). Ctrl-C and SIGTERM stop cleanly (brian2pet 7.1); after any stop,
+# even a SIGKILL inside a write, --resume runs what is left (brian2pet.prepare_resume).
+# --------------------------------------------------------------------------------------------------
 
 
 def say(line):
@@ -1442,12 +1441,11 @@ class RunFailed(RuntimeError):  # one run raised; the message names it and its e
 
 
 class RunsSaid:
-    """For a brian2pet manager: each run says when it starts and ends (and why the guard cancelled
-    it), a failing run raises RunFailed naming it, ``fail_run`` fails a run on purpose (tests).
-    Before a process's next run, what its last run freed goes back to the system (glibc's
-    malloc_trim; a run's synapses are many small C++ allocations, some 200 MB at full scale, which
-    glibc would keep). A standalone manager says where it compiled; its pickled copies (SCOOP's
-    workers, --resume) compile nothing: they run the program in OUT/standalone/NAME."""
+    """For a brian2pet manager: runs say when they start and end (and why the guard cancelled
+    them), a failing run raises RunFailed naming it, ``fail_run`` fails a run on purpose (tests),
+    and what a run freed goes back to the system before the next (glibc's malloc_trim: a run's
+    synapses are ~200 MB of small C++ allocations at full scale). Only the original standalone
+    manager compiles; its copies (SCOOP, --resume) run the program in OUT/standalone/NAME."""
 
     fail_run, _runs_here, _pre_running = None, 0, False
 
@@ -1615,8 +1613,7 @@ def hold_lock(folder):
     return handle  # the lock lives as long as this handle stays open
 
 
-# What defines an experiment's runs (--ncores and --out may differ when it is resumed); kept in
-# RESUME_FOLDER/NAME.settings.json from before the first experiment starts until NAME is done.
+# What defines an experiment's runs (not --ncores, --out), in RESUME/NAME.settings.json till done.
 EXPERIMENT_SETTINGS = ("scale", "r_ee", "measure", "initial", "seed", "target", "device",
                        "stimulus_r_ee", "strengths", "trials", "stimulus_clusters", "period",
                        "max_rate")
@@ -1634,8 +1631,7 @@ def save_settings(args, resume_folder, name):
     os.replace(path + ".partial", path)
 
 
-def saved_settings(resume_folder, name):
-    """The saved settings as a dict, or None if there are none (or they cannot be read)."""
+def saved_settings(resume_folder, name):  # None if there are none, or they cannot be read
     with contextlib.suppress(OSError, ValueError), open(settings_file(resume_folder, name)) as file:
         settings = json.load(file)
         if isinstance(settings, dict) and set(settings) == set(EXPERIMENT_SETTINGS):
@@ -1643,16 +1639,14 @@ def saved_settings(resume_folder, name):
     return None
 
 
-def unfinished(resume_folder, name):
-    """True from the start of the experiment ``name`` until it is done."""
+def unfinished(resume_folder, name):  # from the start of the experiment until it is done
     return (os.path.isfile(settings_file(resume_folder, name))
             or os.path.isdir(os.path.join(resume_folder, name)))
 
 
 def resume_experiment(args, filename, resume_folder, name):
-    """Continue the experiment ``name`` after a stop or a kill at any moment (on the device it was
-    started on: pypet's copy of the manager runs the program compiled then); returns its
-    trajectory, or None when nothing was left to resume."""
+    """Continue the experiment ``name`` after any stop, on its device (a standalone manager's copy
+    runs the program compiled then): its trajectory, or None when nothing was left to resume."""
     runs_left = prepare_resume(filename, resume_folder, name)
     if runs_left is None:
         return None
