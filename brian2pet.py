@@ -2280,7 +2280,9 @@ def _collecting_only_the_runs_garbage():
 # The nodes are not compressed: every store rewrites their last chunk, and a compressed chunk that
 # grows moves, leaving space that HDF5 does not reuse once the file was closed (19 MB for the
 # benchmark's 10,000 runs, with rows that held their texts). Uncompressed, a chunk stays in place.
-# Measured on the benchmark's file (python ../shared/bench/many_runs.py --runs 10000, kept), ...
+# Measured on the benchmark's 10,000-run file (python ../shared/bench/many_runs.py --runs 10000,
+# Python 3.11, 2 cores): runs_table of its three results 0.7 s from the index, 22.5 s from the
+# nodes; the index costs a store some 6 ms (13.4 ms a run at the start of 2,000 runs, 7.6 without).
 
 _BRIAN2_VALUE, _BRIAN2_UNIT = "__brn2__value", "__brn2__unit"  # section 2's item names
 _STORED_COLUMN = "stored"
