@@ -2911,8 +2911,12 @@ def test_replot_refuses_pickled_content_and_runs_nothing(reference, tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1, done.stderr
     assert f"{filename}: {cn.SWEEP}.{node}:" in done.stderr and "refused" in done.stderr
+    # runs_table reads the rates from brian2pet's index, not from the crafted node; read from the
+    # nodes, it refuses the node as --replot does. Neither runs the payload.
+    table = brian2pet.runs_table(str(filename), cn.SWEEP, cn.SWEEP_RESULTS)
+    assert table["statistics.rates.e (Hz)"].notna().all()
     with pytest.raises(brian2pet.FileRefused, match=node.replace(".", r"\.")):
-        brian2pet.runs_table(str(filename), cn.SWEEP, cn.SWEEP_RESULTS)
+        brian2pet.runs_table(str(filename), cn.SWEEP, cn.SWEEP_RESULTS, from_nodes=True)
     assert not marker.exists()
     assert not list(tmp_path.glob("*.png"))
 
@@ -4371,7 +4375,7 @@ def read_through_the_index_and_the_nodes(filename, trajectory_name, results):
     import pandas
 
     table = brian2pet.runs_table(filename, trajectory_name, results)
-    from_nodes = brian2pet._runs_table(filename, trajectory_name, results, use_index=False)
+    from_nodes = brian2pet.runs_table(filename, trajectory_name, results, from_nodes=True)
     pandas.testing.assert_frame_equal(table, from_nodes)
     for label in from_nodes.columns:
         for idx, (cell, expected) in enumerate(zip(table[label], from_nodes[label])):
@@ -4565,7 +4569,7 @@ def test_runs_table_opens_no_runs_node_when_the_index_holds_every_named_result(t
     monkeypatch.setattr(tables.group.RootGroup, "_g_load_child", recorded)
     table = brian2pet.runs_table(filename, "bench", BENCH_RESULTS)
     assert opened and not [path for path in opened if "/run_0" in path]
-    brian2pet._runs_table(filename, "bench", BENCH_RESULTS, use_index=False)
+    brian2pet.runs_table(filename, "bench", BENCH_RESULTS, from_nodes=True)
     assert len([path for path in opened if "/run_0" in path]) >= 6 * 5  # a group, 3 results, ...
     monkeypatch.undo()
     assert list(table.columns) == ["stored", "x", "count", "rate (Hz)", "trace"]
@@ -4618,6 +4622,20 @@ def test_the_index_follows_what_the_file_holds_when_runs_are_removed_and_stored_
     assert table["count"][1] == 100 and np.isnan(table["rate (Hz)"][1])
     assert table["trace"][1] is None  # the removed run's trace stays removed
     np.testing.assert_array_equal(table["trace"][3], np.arange(50.0) + 3)
+
+
+def test_a_result_another_writer_overwrote_is_read_from_its_nodes_when_asked(tmp_path):
+    # What runs_table's docstring says: pypet's own service stores over a run's result without
+    # telling the index; the index keeps the numbers brian2pet stored, from_nodes=True reads the new.
+    filename = str(tmp_path / "bench.hdf5")
+    explore_as_the_benchmark(filename, 3)
+    traj = load_trajectory("bench", filename=filename, load_all=2, dynamic_imports=[Brian2Result])
+    count = traj.f_get("results.runs.run_00000001.count")
+    count.f_set(count=-7)
+    traj.f_store_item(count, overwrite=True)  # pypet's HDF5StorageService, the default
+    assert list(brian2pet.runs_table(filename, "bench", ["count"])["count"]) == [0, 2, 4]
+    assert list(brian2pet.runs_table(filename, "bench", ["count"], from_nodes=True)["count"]) == [
+        0, -7, 4]
 
 
 def pickled_attribute_on_the_index(h5, trajectory, marker):
