@@ -1402,7 +1402,7 @@ class CheckpointedHDF5StorageService(HDF5StorageService):
         if self._leaf_to_index is not None:
             run, result, items, flags = self._leaf_to_index
             self._leaf_to_index = None
-            if (instance.f_get_class_name() not in {cls.__name__ for cls in SAFE_CLASSES}
+            if (instance.f_get_class_name() not in _SAFE_CLASS_NAMES
                     or not instance.v_annotations.f_is_empty()):
                 items = None  # runs_table must read the node, and check it as check_file does
             pending = getattr(self, "_index_pending", None)
@@ -1953,6 +1953,7 @@ class ForkingEnvironment(Environment):
 
 # pypet's containers of numbers and text, and brian2pet's: none of them unpickles when it loads.
 SAFE_CLASSES = (Parameter, Result, Brian2Parameter, Brian2Result, Brian2MonitorResult)
+_SAFE_CLASS_NAMES = frozenset(cls.__name__ for cls in SAFE_CLASSES)  # as a node's attributes name them
 # How pypet stored a container's items (attribute SRVC_STORE) when it reads them back as HDF5 arrays
 # and tables of numbers and text. Its other ways (pandas frames and series, nested and shared data)
 # go through pandas, whose object columns are pickles.
@@ -2077,7 +2078,7 @@ def _unsafe_node(node):
             return f"attribute {name} holds a pickle"
     if isinstance(node, tables.Group) and "SRVC_LEAF" in attributes:
         class_name = str(attributes.SRVC_INIT_CLASS_NAME)
-        if class_name not in {cls.__name__ for cls in SAFE_CLASSES}:
+        if class_name not in _SAFE_CLASS_NAMES:
             return (f"stored as {class_name}, not one of the containers loaded here "
                     f"({', '.join(cls.__name__ for cls in SAFE_CLASSES)})")
     if isinstance(node, tables.Leaf) and not isinstance(node, (tables.Array, tables.Table)):
@@ -2441,17 +2442,12 @@ def _removed_from_index(h5, path):
     runs = f"/{trajectory_name}/results/runs"
     if not (runs.startswith(path + "/") or path == runs or path.startswith(runs + "/")):
         return []  # elsewhere: parameters, derived parameters, ...
-    below = runs if runs.startswith(path + "/") else path
     removed = []
-    groups = [h5.get_node(below)] if below in h5 else []
-    while groups:
-        group = groups.pop()
-        for name in list(group._v_groups):
-            place = _place_in_runs(f"{group._v_pathname}/{name}", trajectory_name)
-            if place is not None:
-                removed.append(_marker_row(place[0], _REMOVED, b""))
-            elif name.startswith(pypetconstants.SET_NAME) and group._v_pathname == runs:
-                groups.append(group._f_get_child(name))
+    for held in (held for paths in _groups_of_runs(h5, trajectory_name).values()
+                 for held in paths if held.startswith(path + "/")):
+        place = _place_in_runs(held, trajectory_name)
+        if place is not None:  # a run's group where runs_table reads runs
+            removed.append(_marker_row(place[0], _REMOVED, b""))
     return removed
 
 
